@@ -1,0 +1,26 @@
+# advdetect: `make demo` sets up .venv and runs the main job; `make test` runs the suite.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= ../shared/data
+STAMP := $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned in pyproject.toml to the releases served from local disk here.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+demo: venv
+	$(BIN)/advdetect attack --model cifar10-cnn --attack bim --eps 8/255 --n 500 --data-dir $(DATA_DIR) --out runs/demo-bim
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,122 @@
+"""Reading and writing single images safely.
+
+Any file a user hands us may be missing, empty, truncated, not an image at all, enormous
+(a decompression bomb), or in an odd mode (grayscale, RGBA, palette, 16-bit). Each of these
+becomes either a clean conversion (reported in ``notes``) or an :class:`AdvDetectError`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import AdvDetectError
+
+MAX_PIXELS = 64_000_000  # refuse larger images (decompression-bomb limit)
+
+
+@dataclass
+class LoadedImage:
+    """One image as uint8 CHW RGB plus what was done to it on the way in."""
+
+    pixels: torch.Tensor  # uint8, 3 x H x W
+    path: Path
+    notes: list[str] = field(default_factory=list)
+
+    def as_float(self) -> torch.Tensor:
+        """float32 3 x H x W in [0, 1]."""
+        return self.pixels.float().div(255.0)
+
+
+def _open_checked(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.exists():
+        raise AdvDetectError(f"{path}: no such file")
+    if path.is_dir():
+        raise AdvDetectError(f"{path}: is a directory, expected an image file")
+    if path.stat().st_size == 0:
+        raise AdvDetectError(f"{path}: file is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            w, h = img.size
+            if w * h > MAX_PIXELS:
+                raise AdvDetectError(f"{path}: image is {w}x{h}, over the {MAX_PIXELS:,}-pixel limit")
+            img.load()  # decode now so truncation surfaces here
+    except AdvDetectError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise AdvDetectError(f"{path}: not a readable image ({exc})") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
+        raise AdvDetectError(f"{path}: corrupt or truncated image ({exc})") from exc
+    return img
+
+
+def _to_rgb_array(img, notes: list[str]) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        arr = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        notes.append(f"converted {mode} (16-bit) grayscale to 8-bit RGB")
+        return np.repeat(arr[:, :, None], 3, axis=2)
+    if mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(arr).all():
+            raise AdvDetectError("image holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo if hi > lo else 1.0)
+        notes.append("converted floating-point grayscale to 8-bit RGB")
+        return np.repeat((arr * 255 + 0.5).astype(np.uint8)[:, :, None], 3, axis=2)
+    if mode != "RGB":
+        if mode in ("L", "1", "LA"):
+            notes.append("converted grayscale to RGB")
+        elif mode in ("RGBA", "PA") or (mode == "P" and "transparency" in img.info):
+            notes.append("dropped the alpha channel (RGBA to RGB)")
+        elif mode == "P":
+            notes.append("converted palette image to RGB")
+        else:
+            notes.append(f"converted {mode} to RGB")
+        img = img.convert("RGB")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> LoadedImage:
+    """Read an image file as RGB, resizing to ``size`` (H, W) when given and different."""
+    from PIL import Image
+
+    path = Path(path)
+    notes: list[str] = []
+    img = _open_checked(path)
+    arr = _to_rgb_array(img, notes)
+    if size is not None and arr.shape[:2] != tuple(size):
+        h0, w0 = arr.shape[:2]
+        arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
+        notes.append(f"resized from {w0}x{h0} to {size[1]}x{size[0]} (the model's input size)")
+    pixels = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    return LoadedImage(pixels, path, notes)
+
+
+def load_image_uint8(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """uint8 3 x H x W RGB pixels of an image file."""
+    return load_image(path, size).pixels
+
+
+def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
+    """Write a float [0, 1] 3 x H x W (or 1 x 3 x H x W) tensor as PNG, atomically."""
+    from PIL import Image
+
+    from .storage import atomic_path
+
+    if image.dim() == 4:
+        image = image[0]
+    arr = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    with atomic_path(path) as tmp:
+        Image.fromarray(arr).save(tmp, format="PNG")

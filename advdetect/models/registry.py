@@ -1,0 +1,215 @@
+"""Resolve a model spec to a :class:`ModelWrapper`.
+
+Specs:
+
+* ``cifar10-cnn`` - the built-in classifier shipped under ``data/models``;
+* ``torchvision:NAME`` or ``torchvision:NAME:WEIGHTS`` - any torchvision classification model
+  (ImageNet normalization; weights none unless named);
+* a path to a ``torch.export`` program (``.pt2``) or a TorchScript file (``.pt``/``.pth``),
+  with normalization and input size from options or a JSON file beside it (``model.pt2.json``
+  or ``model.json``).
+
+Nothing arbitrary is unpickled: the built-in weights are safetensors, and user files are
+loaded with ``torch.load`` forced to ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import AdvDetectError, UnknownNameError
+from ..storage import load_tensors, read_json, sha256_file
+from .cifar_cnn import CifarCNN
+from .wrapper import ModelInfo, ModelWrapper, as_tuple
+
+BUILTIN_MODELS = ("cifar10-cnn",)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCHITECTURES = {"CifarCNN": CifarCNN}
+
+
+def models_dir() -> Path:
+    """Where built-in weights live: ``$ADVDETECT_MODELS`` or the repository's data/models."""
+    env = os.environ.get("ADVDETECT_MODELS")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "models"
+
+
+def load_model(
+    spec: str,
+    device: str | torch.device = "cpu",
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    input_size: Sequence[int] | None = None,
+    classes: Sequence[str] | None = None,
+) -> ModelWrapper:
+    """Load a classifier by spec (see module doc), in eval mode on ``device``."""
+    if spec in BUILTIN_MODELS:
+        model = _load_builtin(spec)
+    elif spec.startswith("torchvision:"):
+        model = _load_torchvision(spec)
+    elif Path(spec).suffix in (".pt2", ".pt", ".pth"):
+        model = _load_file(Path(spec), mean, std, input_size, classes)
+    else:
+        raise UnknownNameError("model", spec, [*BUILTIN_MODELS, "torchvision:<name>[:<weights>]", "<file>.pt2", "<file>.pt"])
+    return model.to(device).eval()
+
+
+def _load_builtin(name: str) -> ModelWrapper:
+    directory = models_dir()
+    meta_path = directory / f"{name}.json"
+    if not meta_path.is_file():
+        raise AdvDetectError(
+            f"built-in model {name} is missing ({meta_path}); train it with scripts/train_classifier.py"
+        )
+    meta = read_json(meta_path)
+    arch = ARCHITECTURES.get(meta.get("architecture", ""))
+    if arch is None:
+        raise AdvDetectError(f"{meta_path}: unknown architecture {meta.get('architecture')!r}")
+    state = load_tensors(directory / meta["weights"], sha256=meta["sha256"])
+    net = arch(**meta.get("arch_args", {}), num_classes=len(meta["classes"]))
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise AdvDetectError(f"{directory / meta['weights']}: weights do not fit {meta['architecture']} ({exc})") from exc
+    info = ModelInfo(name, tuple(meta["classes"]), tuple(meta["input_size"]), tuple(meta["mean"]),
+                     tuple(meta["std"]), meta["sha256"], {"test_accuracy": meta.get("test_accuracy")})
+    return ModelWrapper(net, info)
+
+
+def _load_torchvision(spec: str) -> ModelWrapper:
+    import torchvision
+
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not parts[1]:
+        raise AdvDetectError(f"bad model spec {spec!r}; use torchvision:<name> or torchvision:<name>:<weights>")
+    name, weights_name = parts[1], (parts[2] if len(parts) == 3 else None)
+    available = torchvision.models.list_models(module=torchvision.models)
+    if name not in available:
+        raise UnknownNameError("torchvision model", name, sorted(available))
+    weights = None
+    if weights_name:
+        try:
+            weights = torchvision.models.get_weight(f"{torchvision.models.get_model_weights(name).__name__}.{weights_name}")
+        except (ValueError, AttributeError, KeyError) as exc:
+            choices = [w.name for w in torchvision.models.get_model_weights(name)]
+            raise UnknownNameError(f"weights for {name}", weights_name, choices) from exc
+    try:
+        net = torchvision.models.get_model(name, weights=weights)
+    except (OSError, RuntimeError) as exc:
+        raise AdvDetectError(f"could not get weights {weights_name} for {name}: {exc}") from exc
+    categories = weights.meta.get("categories") if weights is not None else None
+    num = net.fc.out_features if hasattr(net, "fc") and isinstance(net.fc, nn.Linear) else 1000
+    classes = tuple(categories) if categories else tuple(f"class_{i}" for i in range(num))
+    info = ModelInfo(f"torchvision:{name}" + (f":{weights_name}" if weights_name else ""), classes, (224, 224),
+                     IMAGENET_MEAN, IMAGENET_STD, weights_name)
+    return ModelWrapper(net, info)
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Force every ``torch.load`` in the block to ``weights_only=True``.
+
+    ``torch.export.load`` falls back to a full unpickle when the safe load fails; we refuse
+    that fallback, so a tampered file fails instead of running code.
+    """
+    original = torch.load
+
+    @functools.wraps(original)
+    def safe_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = safe_load
+    try:
+        yield
+    finally:
+        torch.load = original
+
+
+def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
+    if not path.is_file():
+        raise AdvDetectError(f"model file {path}: no such file")
+    meta = _sidecar_metadata(path)
+    mean = mean if mean is not None else meta.get("mean")
+    std = std if std is not None else meta.get("std")
+    input_size = input_size if input_size is not None else meta.get("input_size")
+    if mean is None or std is None or input_size is None:
+        raise AdvDetectError(
+            f"{path}: pass --mean, --std and --input-size (or put them in {path}.json) so inputs in [0, 1] can be normalized"
+        )
+    net = _read_program(path)
+    if isinstance(input_size, int):
+        input_size = (input_size, input_size)
+    size = tuple(int(s) for s in input_size)
+    channels = len(mean) if isinstance(mean, (list, tuple)) and len(mean) > 1 else 3
+    with torch.no_grad():
+        try:
+            out = net(torch.zeros(1, channels, *size))
+        except Exception as exc:  # noqa: BLE001 - any failure of foreign code is a user-facing error
+            hint = " (export it with a dynamic batch dimension)" if path.suffix == ".pt2" else ""
+            raise AdvDetectError(
+                f"{path}: model fails on a 1x{channels}x{size[0]}x{size[1]} input{hint}: {exc}".splitlines()[0]
+            ) from exc
+    num = int(out.shape[-1])
+    classes = tuple(classes or meta.get("classes") or (f"class_{i}" for i in range(num)))
+    if len(classes) != num:
+        raise AdvDetectError(f"{path}: model has {num} outputs but {len(classes)} class names were given")
+    info = ModelInfo(path.name, classes, size, as_tuple(mean, channels, "mean"), as_tuple(std, channels, "std"),
+                     sha256_file(path))
+    return ModelWrapper(net, info)
+
+
+class ExportedNet(nn.Module):
+    """Holds a ``torch.export`` module, which refuses ``train()``/``eval()``.
+
+    An exported program is already fixed in inference behaviour, so it is kept out of the
+    module tree (mode switches don't reach it) while device moves still do.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        for p in inner.parameters():
+            p.requires_grad_(False)
+        object.__setattr__(self, "inner", inner)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - torch's own signature
+        self.inner._apply(fn)
+        return super()._apply(fn, recurse)
+
+
+def _sidecar_metadata(path: Path) -> dict[str, Any]:
+    for candidate in (path.with_name(path.name + ".json"), path.with_suffix(".json")):
+        if candidate.is_file():
+            meta = read_json(candidate)
+            if not isinstance(meta, dict):
+                raise AdvDetectError(f"{candidate}: expected a JSON object")
+            return meta
+    return {}
+
+
+def _read_program(path: Path) -> nn.Module:
+    if path.suffix == ".pt2":
+        try:
+            with _weights_only_torch_load():
+                program = torch.export.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad archives
+            raise AdvDetectError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
+        return ExportedNet(program.module())
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # noqa: BLE001
+        raise AdvDetectError(
+            f"{path}: not a TorchScript file ({type(exc).__name__}). advdetect does not unpickle arbitrary .pt files; "
+            "save your model with torch.export.save (.pt2) or torch.jit.save"
+        ) from exc

@@ -1,0 +1,166 @@
+"""Atomic, verifiable artifacts: safetensors shards plus a JSON manifest.
+
+Nothing here unpickles: tensors are safetensors, everything else JSON. Every write goes to
+a temporary file in the target directory and is renamed into place, so a crash never leaves
+a half-written file under the final name. A manifest lists each shard with its sha256, and
+reading verifies it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import AdvDetectError
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise AdvDetectError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except OSError as exc:
+        raise AdvDetectError(f"cannot write {path}: {exc.strerror or exc}") from exc
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise AdvDetectError(f"{path}: no such file") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdvDetectError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write tensors as safetensors atomically; return the file's sha256."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(cpu, str(tmp), metadata=metadata)
+        digest = sha256_file(tmp)
+    return digest
+
+
+def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, verifying its sha256 when given."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise AdvDetectError(f"{path}: no such file")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise AdvDetectError(f"{path}: checksum mismatch (file corrupted or modified); delete it and recompute")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdvDetectError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+
+class ShardStore:
+    """A directory of numbered safetensors shards described by ``manifest.json``.
+
+    ``put(i, tensors)`` writes shard ``i`` and records it (with its sha256) in the manifest
+    immediately, so an interrupted job can ask ``has(i)`` and continue where it stopped.
+    """
+
+    def __init__(self, directory: str | os.PathLike, prefix: str = "shard") -> None:
+        self.directory = Path(directory)
+        self.prefix = prefix
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / MANIFEST
+
+    def manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {}
+        return read_json(self.manifest_path)
+
+    def start(self, header: dict[str, Any]) -> dict[str, Any]:
+        """Open the store for a job described by ``header``.
+
+        A manifest from an identical job is kept (its finished shards are reused); a
+        different job's manifest is an error rather than silently mixed results.
+        """
+        existing = self.manifest()
+        if existing and existing.get("job") != header:
+            raise AdvDetectError(
+                f"{self.directory} already holds results of a different job; use another --out or delete it"
+            )
+        if not existing:
+            existing = {"job": header, "shards": {}, "complete": False}
+            write_json(self.manifest_path, existing)
+        return existing
+
+    def shard_name(self, key: str) -> str:
+        return f"{self.prefix}-{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        entry = self.manifest().get("shards", {}).get(key)
+        return bool(entry) and (self.directory / entry["file"]).is_file()
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        name = self.shard_name(key)
+        digest = save_tensors(self.directory / name, tensors)
+        manifest = self.manifest()
+        manifest.setdefault("shards", {})[key] = {"file": name, "sha256": digest, "n": int(next(iter(tensors.values())).shape[0])}
+        write_json(self.manifest_path, manifest)
+
+    def get(self, key: str) -> dict[str, torch.Tensor]:
+        entry = self.manifest()["shards"][key]
+        return load_tensors(self.directory / entry["file"], sha256=entry["sha256"])
+
+    def finish(self, **fields: Any) -> dict[str, Any]:
+        manifest = self.manifest()
+        manifest.update(fields)
+        manifest["complete"] = True
+        write_json(self.manifest_path, manifest)
+        return manifest
+
+    def load_all(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Concatenate every shard (in key order) into one dict of tensors."""
+        manifest = self.manifest()
+        if not manifest.get("shards"):
+            raise AdvDetectError(f"{self.directory}: no {MANIFEST} with shards; is this an advdetect output folder?")
+        parts = [self.get(k) for k in sorted(manifest["shards"])]
+        names = keys or list(parts[0])
+        return {name: torch.cat([p[name] for p in parts]) for name in names}

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from advdetect.models.wrapper import ModelInfo, ModelWrapper
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
+HAS_SHARED = (SHARED_DATA / "cifar10-jpeg" / "test").is_dir()
+BUILTIN_WEIGHTS = REPO / "data" / "models" / "cifar10-cnn.safetensors"
+
+needs_shared = pytest.mark.skipif(not HAS_SHARED, reason=f"CIFAR-10 copy not found at {SHARED_DATA}")
+needs_builtin = pytest.mark.skipif(not BUILTIN_WEIGHTS.is_file(), reason="built-in weights not trained yet")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+
+
+def make_tiny_model(seed: int = 0, num_classes: int = 10, size: int = 16) -> ModelWrapper:
+    """A small fixed random convnet on size x size RGB inputs, normalization inside."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GELU(), nn.MaxPool2d(2),
+        nn.Conv2d(16, 16, 3, padding=1), nn.GELU(), nn.Flatten(), nn.Linear(16 * (size // 2) ** 2, num_classes),
+    )
+    info = ModelInfo("tiny", tuple(f"c{i}" for i in range(num_classes)), (size, size), (0.5, 0.5, 0.5),
+                     (0.25, 0.25, 0.25), "tiny-sha")
+    return ModelWrapper(net, info).eval()
+
+
+@pytest.fixture
+def tiny_model() -> ModelWrapper:
+    return make_tiny_model()
+
+
+@pytest.fixture
+def tiny_images() -> torch.Tensor:
+    return torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
