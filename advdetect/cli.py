@@ -122,5 +122,169 @@ def attack(model: str, attack: str, eps: str, alpha: str | None, steps: int | No
         f"time                  {r['seconds']:.1f}s"))
 
 
+MASK_OPTIONS = [
+    click.option("--game", type=click.Choice(["delete", "preserve"]), default=None,
+                 help="Deletion (default) or preservation game."),
+    click.option("--perturbation", type=click.Choice(["blur", "constant", "noise"]), default=None,
+                 help="What a deleted pixel becomes [default: blur]."),
+    click.option("--iterations", type=click.IntRange(min=1), default=None, help="Max iterations per mask."),
+    click.option("--l1", "l1_coeff", type=click.FloatRange(min=0), default=None, help="lambda1 (area weight)."),
+    click.option("--tv", "tv_coeff", type=click.FloatRange(min=0), default=None, help="lambda2 (TV weight)."),
+    click.option("--blur-sigma", type=click.FloatRange(min=0), default=None, help="Blur sigma in pixels."),
+    click.option("--upsample", type=click.IntRange(min=1), default=None, help="Mask upsampling factor."),
+    click.option("--early-stop/--no-early-stop", default=None, help="Stop each image once converged [default: on]."),
+    click.option("--mask-batch", "batch_size", type=click.IntRange(min=0), default=None,
+                 help="Images optimised together (0 = auto)."),
+]
+
+
+def mask_options(func: Callable) -> Callable:
+    for option in reversed(MASK_OPTIONS):
+        func = option(func)
+    return func
+
+
+def mask_config(seed: int, **options: Any):
+    """A MaskConfig from the defaults plus the options the user gave."""
+    from .masks import MaskConfig
+
+    given = {k: v for k, v in options.items() if v is not None}
+    return MaskConfig(seed=seed, **given)
+
+
+MASK_KEYS = ("game", "perturbation", "iterations", "l1_coeff", "tv_coeff", "blur_sigma", "upsample", "early_stop",
+             "batch_size")
+
+
+def pop_mask_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {k: kwargs.pop(k) for k in MASK_KEYS}
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--in", "in_dir", required=True, type=click.Path(file_okay=False),
+              help="Attack set directory written by `advdetect attack`.")
+@click.option("--model", default=None, help="Model spec [default: the one the attack set was made with].")
+@click.option("--shard-size", default=512, show_default=True, type=click.IntRange(min=1))
+@mask_options
+@common_options
+def masks(in_dir: str, model: str | None, shard_size: int, device: str, seed: int, as_json: bool,
+          **options: Any) -> None:
+    """Compute masks for the clean and adversarial images of an attack set (stored in IN/masks)."""
+    from .maskset import run_mask_set
+
+    summary = run_mask_set(in_dir, model=model, config=mask_config(seed, **pop_mask_options(options)),
+                           shard_size=shard_size, device=device, progress=True)
+    emit(summary.to_dict(), as_json, lambda r: (
+        f"{2 * r['n']} masks -> {r['out']} in {r['seconds']:.1f}s ({r['masks_per_second']:.1f} masks/s)\n"
+        f"clean:       mean iterations {r['clean']['mean_iterations']:.0f}, mean mask {r['clean']['mean_mask']:.3f}, "
+        f"class deleted {pct(r['clean']['deleted_fraction'])}\n"
+        f"adversarial: mean iterations {r['adversarial']['mean_iterations']:.0f}, mean mask "
+        f"{r['adversarial']['mean_mask']:.3f}, class deleted {pct(r['adversarial']['deleted_fraction'])}"))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path())
+@click.option("--model", default="cifar10-cnn", show_default=True, help="Model spec.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the figure here (.png, .pdf, .svg).")
+@click.option("--target", default=None, help="Class (name or index) to explain [default: the top prediction].")
+@mask_options
+@common_options
+def explain(image: str, model: str, out: str | None, target: str | None, device: str, seed: int, as_json: bool,
+            **options: Any) -> None:
+    """Explain one image: its mask, the perturbed image and the probabilities before and after."""
+    from .explain import explain_file
+
+    result = explain_file(image, model=model, config=mask_config(seed, **pop_mask_options(options)), target=target,
+                          out=out, device=device)
+    emit(result, as_json, lambda r: "\n".join(
+        [*(f"note: {n}" for n in r["notes"]),
+         f"{r['image']}: {r['target']} {pct(r['prob_before'])} -> {pct(r['prob_after'])} after deleting "
+         f"{pct(r['deleted_area'])} of the image ({r['iterations']} iterations)",
+         *(f"  {t['class']:<12} {pct(t['before']):>6} -> {pct(t['after']):>6}" for t in r["top"]),
+         *([f"figure: {r['figure']}"] if r.get("figure") else [])]))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", default="cifar10-cnn", show_default=True, help="Model spec.")
+@click.option("--attack", default="bim", show_default=True, help="Attack(s) to train on, e.g. bim or fgsm,bim,pgd.")
+@click.option("--eps", default="8/255", show_default=True, help="L-inf budget of the attacks.")
+@click.option("--n", default=5000, show_default=True, type=click.IntRange(min=10),
+              help="CIFAR-10 training images (attacked; 80% fit, 20% calibrate).")
+@click.option("--n-eval", default=2000, show_default=True, type=click.IntRange(min=10),
+              help="Held-out test images for the reported metrics.")
+@click.option("--transfer", default=None, help="Attacks to evaluate the detector on as well, e.g. fgsm,pgd.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
+@mask_options
+@common_options
+def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
+          data_dir: str | None, device: str, seed: int, as_json: bool, **options: Any) -> None:
+    """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
+    from .training import run_train
+
+    report = run_train(model=model, attack=attack, eps=eps, n=n, n_eval=n_eval, out=out, transfer=transfer,
+                       mask_config=mask_config(seed, **pop_mask_options(options)), data_dir=data_dir, seed=seed,
+                       device=device, progress=True)
+    emit(report.to_dict(), as_json, render_train)
+
+
+def render_train(r: dict[str, Any]) -> str:
+    lines = [f"detector -> {r['out']} (threshold {r['threshold']:.3f} at {pct(r['calibration_fpr'])} FPR), "
+             f"{r['n_train']} training / {r['n_eval']} held-out images, {r['seconds']:.0f}s"]
+    for name, m in r["metrics"].items():
+        tag = "" if m["trained_on"] else " (transfer)"
+        lines.append(f"{name}{tag}: accuracy {pct(m['accuracy'])}, ROC-AUC {m['roc_auc']:.3f}, "
+                     f"TPR {pct(m['tpr_at_5fpr'])} at 5% FPR, {pct(m['tpr_at_1fpr'])} at 1% FPR; "
+                     f"recovery top-1 {pct(m['recovery_top1'])}, top-5 {pct(m['recovery_top5'])}, harm {pct(m['harm'])}"
+                     f" [{m['n_clean']} clean / {m['n_adversarial']} adversarial]")
+    return "\n".join(lines)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("images", nargs=-1, required=True, type=click.Path())
+@click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
+@click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
+@common_options
+def detect(images: tuple[str, ...], detector_dir: str, model: str | None, device: str, seed: int,
+           as_json: bool) -> None:
+    """Say for each image whether it is adversarial: label, score, verdict."""
+    from .inference import detect_images
+
+    torch_seed(seed)
+    result = detect_images(list(images), detector_dir, model=model, device=device)
+    emit(result, as_json, lambda r: "\n".join(
+        [*(f"note: {row['image']}: {note}" for row in r["images"] for note in row["notes"])]
+        + [f"{row['image']}: {row['label']} ({pct(row['confidence'])}), score {row['score']:+.2f} -> "
+           f"{'ADVERSARIAL' if row['adversarial'] else 'clean'}" for row in r["images"]]))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("image", type=click.Path())
+@click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
+@click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Before/after figure (.png).")
+@common_options
+def recover(image: str, detector_dir: str, model: str | None, out: str | None, device: str, seed: int,
+            as_json: bool) -> None:
+    """Apply the image's mask back to it and report the recovered top-1 and top-5."""
+    from .inference import recover_image
+
+    torch_seed(seed)
+    r = recover_image(image, detector_dir, model=model, out=out, device=device)
+    emit(r, as_json, lambda r: "\n".join(
+        [*(f"note: {n}" for n in r["notes"]),
+         f"{r['image']}: predicted {r['prediction']} ({pct(r['confidence'])}), "
+         f"{'ADVERSARIAL' if r['adversarial'] else 'clean'} (score {r['score']:+.2f})",
+         f"recovered: {r['recovered']}; top-5: "
+         + ", ".join(f"{t['class']} {pct(t['probability'])}" for t in r["recovered_top5"]),
+         *([f"figure: {r['figure']}"] if r["figure"] else [])]))
+
+
+def torch_seed(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)
+
+
 if __name__ == "__main__":
     main()

@@ -188,7 +188,7 @@ class MeaningfulPerturbation:
             active.loss_sum = torch.zeros_like(active.loss_sum)
         bar.close()
         with torch.no_grad():
-            perturbed_after = self._perturbed(images, masks_out)
+            perturbed_after = self.perturb(images, masks_out)
         prob_after = self._probs(perturbed_after, targets, batch)
         return MaskResult(masks_out, targets, prob_before, prob_after, iters_out, cfg)
 
@@ -212,7 +212,8 @@ class MeaningfulPerturbation:
                 cfg.seed * 1_000_003 + int(j)))[0] for i, j in enumerate(idx.tolist())])
         return reference(x, cfg.perturbation, blur_sigma=cfg.blur_sigma)
 
-    def _perturbed(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def perturb(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """``images`` with ``masks`` applied by this explainer's perturbation (no noise, no jitter)."""
         idx = torch.arange(images.shape[0], device=images.device)
         return blend(images, self._reference(images, idx), masks)
 

@@ -1,0 +1,92 @@
+"""Saving and loading detectors: safetensors weights plus a JSON description.
+
+``detector.json`` records the classifier's identity (name, weights sha256, input size),
+the mask configuration, the calibrated threshold, the attacks trained on, the held-out
+metrics and library versions; ``detector.safetensors`` holds the weights, whose sha256 is
+in the JSON and checked on load.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import AdvDetectError
+from ..masks import MaskConfig
+from ..storage import load_tensors, read_json, save_tensors, write_json
+from .detector import MaskDetector
+from .network import MaskAlexNet
+
+FORMAT = "advdetect.detector/1"
+WEIGHTS = "detector.safetensors"
+META = "detector.json"
+
+
+def library_versions() -> dict[str, str]:
+    import sklearn
+    import torch
+    import torchattacks
+    import torchvision
+
+    from .. import __version__
+
+    return {"advdetect": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torchattacks": torchattacks.__version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
+            "python": platform.python_version()}
+
+
+def save_detector(directory: str | os.PathLike, detector: MaskDetector, classifier: dict[str, Any],
+                  mask_config: MaskConfig, extra: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    net = detector._fitted()
+    digest = save_tensors(directory / WEIGHTS, dict(net.state_dict()))
+    meta = {
+        "format": FORMAT,
+        "classifier": classifier,
+        "params": detector.get_params(),
+        "threshold": detector.threshold_,
+        "calibration_fpr": detector.calibration_fpr_,
+        "n_calibration": detector.n_calibration_,
+        "mask_config": mask_config.to_dict(),
+        "weights": WEIGHTS,
+        "sha256": digest,
+        "versions": library_versions(),
+        **(extra or {}),
+    }
+    write_json(directory / META, meta)
+    return directory
+
+
+def load_detector(directory: str | os.PathLike, classifier: dict[str, Any] | None = None,
+                  device: str = "cpu") -> tuple[MaskDetector, dict[str, Any]]:
+    """Load a saved detector; with ``classifier`` (a ModelInfo.identity()) check it matches."""
+    directory = Path(directory)
+    if not (directory / META).is_file():
+        raise AdvDetectError(f"{directory}: not a detector (no {META}); train one with `advdetect train`")
+    meta = read_json(directory / META)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise AdvDetectError(f"{directory / META}: not an advdetect detector description")
+    if classifier is not None and meta["classifier"] != classifier:
+        raise AdvDetectError(
+            f"detector {directory} was built for classifier {meta['classifier']['name']} "
+            f"(sha256 {str(meta['classifier'].get('sha256'))[:12]}), not {classifier['name']} "
+            f"(sha256 {str(classifier.get('sha256'))[:12]}); use --model {meta['classifier']['name']} or retrain"
+        )
+    state = load_tensors(directory / meta["weights"], sha256=meta["sha256"])
+    params = dict(meta["params"], device=device)
+    detector = MaskDetector(**params)
+    net = MaskAlexNet(dropout=detector.dropout)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise AdvDetectError(f"{directory / meta['weights']}: weights do not fit the discriminator ({exc})") from exc
+    detector.network_ = net.to(device).eval()
+    detector.threshold_ = float(meta["threshold"])
+    detector.calibration_fpr_ = float(meta["calibration_fpr"])
+    detector.n_calibration_ = int(meta["n_calibration"])
+    detector.classes_ = np.array([0, 1])
+    return detector, meta

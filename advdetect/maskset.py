@@ -1,0 +1,113 @@
+"""Masks for an attack set: clean and adversarial images, stored beside the set.
+
+``<attack-set>/masks/`` holds safetensors shards (``clean_mask``, ``adv_mask`` and the
+targets, probabilities and iterations behind them) with a checksummed manifest. The job is
+resumable shard by shard, and masks do not depend on the shard size (see the engine).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .attackset import load_attack_set
+from .errors import AdvDetectError
+from .masks import MaskConfig, MeaningfulPerturbation
+from .models.wrapper import ModelWrapper
+from .storage import ShardStore
+
+FORMAT = "advdetect.mask-set/1"
+
+
+@dataclass
+class MaskSetSummary:
+    n: int
+    out: str
+    seconds: float
+    masks_per_second: float
+    clean: dict[str, Any]
+    adversarial: dict[str, Any]
+    config: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def masks_dir(attack_dir: str | os.PathLike) -> Path:
+    return Path(attack_dir) / "masks"
+
+
+def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config: MaskConfig | None = None,
+                     shard_size: int = 512, progress: bool = True) -> MaskSetSummary:
+    """Compute masks for every clean and adversarial image of the attack set at ``attack_dir``."""
+    from tqdm.auto import tqdm
+
+    config = config or MaskConfig()
+    start = time.time()
+    data = load_attack_set(attack_dir)
+    if data.manifest["job"]["model"] != model.info.identity():
+        raise AdvDetectError(
+            f"{attack_dir} was made with model {data.manifest['job']['model']['name']}, not {model.info.name}; "
+            "use the same --model"
+        )
+    device = model.device
+    store = ShardStore(masks_dir(attack_dir))
+    store.start({"format": FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
+                 "shard_size": shard_size})
+    explainer = MeaningfulPerturbation(model, config)
+    n = int(data.labels.shape[0])
+    n_shards = (n + shard_size - 1) // shard_size
+    bar = tqdm(total=2 * n, desc="masks", unit="mask", disable=not progress)
+    for i in range(n_shards):
+        key = f"{i:05d}"
+        sl = slice(i * shard_size, (i + 1) * shard_size)
+        count = len(range(n)[sl])
+        if store.has(key):
+            bar.update(2 * count)
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        for kind, images in (("clean", data.clean[sl]), ("adv", data.adv[sl])):
+            r = explainer.attribute(images.to(device))
+            tensors.update({f"{kind}_mask": r.masks, f"{kind}_target": r.targets, f"{kind}_prob_before": r.prob_before,
+                            f"{kind}_prob_after": r.prob_after, f"{kind}_iterations": r.iterations})
+            bar.update(count)
+        store.put(key, tensors)
+    bar.close()
+    t = store.load_all()
+    summary = {kind: {"mean_iterations": t[f"{kind}_iterations"].float().mean().item(),
+                      "mean_mask": t[f"{kind}_mask"].mean().item(),
+                      "deleted_fraction": (t[f"{kind}_prob_after"] <= 0.1 * t[f"{kind}_prob_before"]).float().mean().item()}
+               for kind in ("clean", "adv")}
+    store.finish(summary=summary)
+    seconds = time.time() - start
+    return MaskSetSummary(n=n, out=str(store.directory), seconds=round(seconds, 2),
+                          masks_per_second=round(2 * n / max(seconds, 1e-9), 2), clean=summary["clean"],
+                          adversarial=summary["adv"], config=config.to_dict())
+
+
+def load_mask_set(attack_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
+    store = ShardStore(masks_dir(attack_dir))
+    manifest = store.manifest()
+    if manifest.get("job", {}).get("format") != FORMAT or not manifest.get("complete"):
+        raise AdvDetectError(f"{attack_dir}: no complete mask set; run `advdetect masks --in {attack_dir}` first")
+    return store.load_all()
+
+
+def run_mask_set(attack_dir: str | os.PathLike, model: str | None = None, config: MaskConfig | None = None,
+                 shard_size: int = 512, device: str = "auto", progress: bool = True) -> MaskSetSummary:
+    """The ``masks`` command: load the attack set's model (or ``model``) and compute its masks."""
+    from .device import resolve_device
+    from .models import load_model
+    from .storage import read_json
+
+    manifest_path = Path(attack_dir) / "manifest.json"
+    if not manifest_path.is_file():
+        raise AdvDetectError(f"{attack_dir}: not an attack set (no manifest.json); create one with `advdetect attack`")
+    spec = model or read_json(manifest_path)["job"]["model"]["name"]
+    wrapper = load_model(spec, device=resolve_device(device))
+    return compute_mask_set(wrapper, attack_dir, config=config, shard_size=shard_size, progress=progress)

@@ -1,0 +1,56 @@
+"""Figures (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _hwc(image: torch.Tensor):
+    return image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch.Tensor,
+                       probs_before: torch.Tensor, probs_after: torch.Tensor, classes: Sequence[str],
+                       target: int, path: str | os.PathLike, title: str = "", top: int = 5) -> None:
+    """Image, mask heatmap (1 - mask: what was deleted), perturbed image, class probabilities."""
+    from .storage import atomic_path
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1.5]})
+    axes[0].imshow(_hwc(image), interpolation="nearest")
+    axes[0].set_title(f"input: {classes[target]} ({probs_before[target]:.1%})")
+    heat = axes[1].imshow(1 - mask.detach().cpu()[0].numpy(), cmap="jet", vmin=0, vmax=1, interpolation="nearest")
+    axes[1].set_title("mask (deleted regions)")
+    fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
+    axes[2].imshow(_hwc(perturbed), interpolation="nearest")
+    axes[2].set_title(f"perturbed: {classes[target]} ({probs_after[target]:.1%})")
+    for ax in axes[:3]:
+        ax.axis("off")
+    order = torch.argsort(torch.maximum(probs_before, probs_after), descending=True)[:top].tolist()
+    ys = range(len(order))
+    axes[3].barh([y + 0.2 for y in ys], [float(probs_before[i]) for i in order], height=0.4, label="before")
+    axes[3].barh([y - 0.2 for y in ys], [float(probs_after[i]) for i in order], height=0.4, label="after")
+    axes[3].set_yticks(list(ys), [classes[i] for i in order])
+    axes[3].invert_yaxis()
+    axes[3].set_xlim(0, 1)
+    axes[3].set_xlabel("probability")
+    axes[3].legend(loc="lower right")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    suffix = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=suffix, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,176 @@
+"""``advdetect train``: attack -> masks -> discriminator -> calibration -> held-out metrics.
+
+Layout of ``out/``::
+
+    detector.json, detector.safetensors   the trained, calibrated detector
+    report.json                           what was measured on held-out test images
+    work/train-<attack>/                  attack set (+ masks/) on CIFAR-10 training images
+    work/test-<attack>/                   attack set (+ masks/) on test images, for evaluation
+
+Every stage is resumable: rerunning the same command reuses finished shards.
+Training images are split into a fitting part (with its own validation split for early
+stopping) and a calibration part whose clean masks set the threshold; the metrics come
+from test-split images never used for either.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .attacks import AttackConfig, parse_eps
+from .attackset import generate_attack_set, load_attack_set
+from .data import load_dataset
+from .detector import MaskDetector, detection_metrics, save_detector
+from .masks import MaskConfig
+from .maskset import compute_mask_set, load_mask_set
+from .models.wrapper import ModelWrapper
+from .recovery import recovery_metrics
+from .storage import write_json
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainReport:
+    out: str
+    model: dict[str, Any]
+    attacks: list[dict[str, Any]]
+    n_train: int
+    n_eval: int
+    threshold: float
+    calibration_fpr: float
+    metrics: dict[str, Any]  # per attack: detection + recovery on held-out test images
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise ValueError("give at least one attack, e.g. --attack bim or --attack fgsm,bim,pgd")
+    value = parse_eps(eps)
+    return [AttackConfig(name, eps=value) for name in names]
+
+
+def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int, seed: int, work: Path,
+                  mask_config: MaskConfig, data_dir: str | os.PathLike | None, batch_size: int,
+                  progress: bool) -> Path:
+    """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory."""
+    directory = work / f"{split}-{attack.name}"
+    data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress)
+    generate_attack_set(model, data, attack, directory, batch_size=batch_size, seed=seed, progress=progress,
+                        data_description={"dataset": "cifar10", "split": split, "n": n, "seed": seed})
+    compute_mask_set(model, directory, config=mask_config, progress=progress)
+    return directory
+
+
+def labelled_masks(directory: Path, include_clean: bool = True) -> dict[str, torch.Tensor]:
+    """Clean masks of correctly classified images and adversarial masks of successful attacks."""
+    s = load_attack_set(directory)
+    m = load_mask_set(directory)
+    correct = s.clean_pred == s.labels
+    success = correct & (s.adv_pred != s.labels)
+    out = {"adv": m["adv_mask"][success], "adv_index": success.nonzero().flatten()}
+    if include_clean:
+        out.update(clean=m["clean_mask"][correct], clean_index=correct.nonzero().flatten())
+    return out
+
+
+def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
+                   mask_config: MaskConfig) -> dict[str, Any]:
+    """Detection and recovery metrics on one held-out attack set."""
+    s = load_attack_set(directory)
+    m = load_mask_set(directory)
+    lm = labelled_masks(directory)
+    clean_scores = detector.decision_function(lm["clean"])
+    adv_scores = detector.decision_function(lm["adv"])
+    labels = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(adv_scores))])
+    detection = detection_metrics(labels, np.concatenate([clean_scores, adv_scores]), detector.threshold_)
+    flagged = torch.as_tensor(detector.predict(m["clean_mask"]).astype(bool))
+    recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, m["clean_mask"],
+                                m["adv_mask"], clean_flagged=flagged, config=mask_config)
+    attack = s.manifest["job"]["attack"]
+    return {"attack": attack, **s.manifest["metrics"], **detection, **recovery.to_dict()}
+
+
+def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_eval: int, out: str | os.PathLike,
+                   mask_config: MaskConfig | None = None, detector: MaskDetector | None = None,
+                   transfer: list[AttackConfig] | None = None, calibration_fraction: float = 0.2,
+                   data_dir: str | os.PathLike | None = None, batch_size: int = 256, seed: int = 0,
+                   progress: bool = True) -> TrainReport:
+    """Run the whole pipeline and save the detector under ``out``; return the held-out report."""
+    if not 0 < calibration_fraction < 1:
+        raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+    start = time.time()
+    out = Path(out)
+    work = out / "work"
+    mask_config = mask_config or MaskConfig()
+    detector = detector or MaskDetector(seed=seed, device=str(model.device))
+
+    train_dirs = [prepare_split(model, a, "train", n, seed, work, mask_config, data_dir, batch_size, progress)
+                  for a in attacks]
+    # images are split by index: the first part fits the detector, the rest calibrates it
+    n_fit = int(round(n * (1 - calibration_fraction)))
+    fit_clean, fit_adv, cal_clean = [], [], []
+    for i, directory in enumerate(train_dirs):
+        lm = labelled_masks(directory, include_clean=(i == 0))
+        fit_adv.append(lm["adv"][lm["adv_index"] < n_fit])
+        if i == 0:
+            fit_clean.append(lm["clean"][lm["clean_index"] < n_fit])
+            cal_clean.append(lm["clean"][lm["clean_index"] >= n_fit])
+    clean = torch.cat(fit_clean)
+    adv = _balanced(fit_adv, len(clean), seed)
+    X = torch.cat([clean, adv])
+    y = torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))])
+    detector.fit(X, y)
+    detector.calibrate(torch.cat(cal_clean))
+
+    eval_attacks = list(attacks) + [a for a in (transfer or []) if a not in attacks]
+    metrics = {}
+    for a in eval_attacks:
+        directory = prepare_split(model, a, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
+                                  progress)
+        metrics[a.name] = evaluate_split(model, detector, directory, mask_config)
+        metrics[a.name]["trained_on"] = a in attacks
+    report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],
+                         n_train=n, n_eval=n_eval, threshold=detector.threshold_,
+                         calibration_fpr=detector.calibration_fpr_, metrics=metrics,
+                         seconds=round(time.time() - start, 1))
+    save_detector(out, detector, model.info.identity(), mask_config,
+                  extra={"attacks": report.attacks, "metrics": metrics, "history": detector.history_,
+                         "n_train": n, "n_eval": n_eval, "seed": seed})
+    write_json(out / "report.json", report.to_dict())
+    return report
+
+
+def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
+    """About ``total`` adversarial masks drawn equally from each attack (all, if fewer)."""
+    gen = torch.Generator().manual_seed(seed)
+    per = max(1, total // len(parts))
+    return torch.cat([p[torch.randperm(len(p), generator=gen)[:per]] for p in parts])
+
+
+def run_train(model: str = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,
+              n_eval: int = 2000, out: str | os.PathLike = "detector", transfer: str | None = None,
+              mask_config: MaskConfig | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
+              device: str = "auto", progress: bool = True) -> TrainReport:
+    """The ``train`` command: resolve names, then :func:`train_detector`."""
+    from .device import resolve_device
+    from .models import load_model
+
+    attacks = parse_attacks(attack, eps)
+    transfer_attacks = parse_attacks(transfer, eps) if transfer else []
+    wrapper = load_model(model, device=resolve_device(device))
+    return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
+                          transfer=transfer_attacks, data_dir=data_dir, seed=seed, progress=progress,
+                          detector=MaskDetector(seed=seed, device=str(wrapper.device)))
