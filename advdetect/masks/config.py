@@ -34,18 +34,23 @@ class MaskConfig:
         check_every: iterations between convergence checks (and batch refills).
         min_iterations: no image stops before this many iterations.
         tol: an image has converged when its low-resolution mask moved less than ``tol``
-            (max abs) and its objective changed less than ``tol`` over ``check_every`` iterations.
+            (mean abs change over ``check_every`` iterations) and the game's goal is met:
+        floor: deletion game: once the target probability is below ``floor`` times the original,
+            pushing it lower earns nothing, so the mask shrinks to the smallest deletion that
+            reaches the floor and then settles (0 = off, as in the paper).
+        stop_ratio: deletion goal - the target probability (mean over the window) is at most
+            ``stop_ratio`` times the original. (Preservation: the objective changed < ``tol``.)
         batch_size: images optimised together; 0 picks a size for the device.
         amp: bfloat16 autocast on CUDA.
         seed: seed of the jitter and noise sequences.
     """
 
     game: str = "delete"
-    score: str = "prob"
+    score: str = "log_odds"
     perturbation: str = "blur"
-    blur_sigma: float = 2.0
-    upsample: int = 4
-    l1_coeff: float = 0.05
+    blur_sigma: float = 6.0
+    upsample: int = 2
+    l1_coeff: float = 0.3
     tv_coeff: float = 0.2
     tv_beta: float = 3.0
     iterations: int = 150
@@ -55,7 +60,9 @@ class MaskConfig:
     early_stop: bool = True
     check_every: int = 10
     min_iterations: int = 30
-    tol: float = 0.01
+    tol: float = 0.03
+    stop_ratio: float = 0.05
+    floor: float = 0.0005
     batch_size: int = 0
     amp: bool = False
     seed: int = 0
@@ -70,7 +77,8 @@ class MaskConfig:
         for name in ("iterations", "upsample", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("blur_sigma", "l1_coeff", "tv_coeff", "jitter", "noise", "tol", "min_iterations", "batch_size"):
+        for name in ("blur_sigma", "l1_coeff", "tv_coeff", "jitter", "noise", "tol", "stop_ratio", "floor", "min_iterations",
+                     "batch_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.tv_beta <= 0:
@@ -84,7 +92,7 @@ class MaskConfig:
         terms are means, so they are scaled by the pixel count.)"""
         pixels = 224 * 224
         base = cls(blur_sigma=10.0, upsample=8, l1_coeff=1e-4 * pixels, tv_coeff=1e-2 * pixels / 64, tv_beta=3.0,
-                   iterations=300, lr=0.1, jitter=4.0, noise=0.0, early_stop=False)
+                   iterations=300, lr=0.1, jitter=4.0, noise=0.0, early_stop=False, score="prob", floor=0.0)
         return replace(base, **overrides)
 
     def replace(self, **changes: Any) -> MaskConfig:

@@ -69,7 +69,8 @@ class MaskResult:
 class _Active:
     """The images currently in the batch and their optimiser state (all per-sample)."""
 
-    names = ("idx", "x", "ref", "target", "mask", "m1", "m2", "t", "prev_mask", "loss_sum", "last_loss")
+    names = ("idx", "x", "ref", "target", "p0", "log_floor", "mask", "m1", "m2", "t", "prev_mask", "loss_sum",
+             "last_loss", "kept_mask", "kept")
 
     def __init__(self, **tensors: torch.Tensor) -> None:
         for name in self.names:
@@ -164,17 +165,13 @@ class MeaningfulPerturbation:
             if room > 0 and next_image < n:
                 take = torch.arange(next_image, min(n, next_image + room), device=device)
                 next_image += len(take)
-                fresh = self._admit(images, targets, take, (lh, lw), init)
+                fresh = self._admit(images, targets, prob_before, take, (lh, lw), init)
                 active = fresh if active is None else _Active.concat([active, fresh])
             if active is None or len(active) == 0:
                 break
             window = self._window(active, grid, shifts, noise, bank)
-            finished = active.t >= cfg.iterations
             mean_loss = active.loss_sum / window
-            if cfg.early_stop:
-                moved = (active.mask - active.prev_mask).abs().flatten(1).amax(1)
-                finished |= ((active.t >= cfg.min_iterations) & (moved < cfg.tol)
-                             & ((mean_loss - active.last_loss).abs() < cfg.tol))
+            finished = self._check(active, mean_loss, grid)
             if finished.any():
                 done = active.select(finished)
                 with torch.no_grad():
@@ -217,16 +214,49 @@ class MeaningfulPerturbation:
         idx = torch.arange(images.shape[0], device=images.device)
         return blend(images, self._reference(images, idx), masks)
 
-    def _admit(self, images: torch.Tensor, targets: torch.Tensor, take: torch.Tensor,
+    def _check(self, a: _Active, mean_loss: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Which images are done (converged or out of iterations), updating their kept masks.
+
+        Converged: past ``min_iterations``, the mask moved < ``tol`` (mean abs) over the window,
+        and the game's goal is met. Deletion's goal: the target probability of the image
+        perturbed by the current mask - without noise or jitter, exactly as the result is used -
+        is at most ``stop_ratio`` of the original (one extra forward pass per window). The
+        latest mask that met it is kept, and returned if the optimisation later drifts off it.
+        Preservation's goal: the window's mean objective changed less than ``tol``.
+        """
+        cfg = self.config
+        out_of_steps = a.t >= cfg.iterations
+        if cfg.game == "delete":
+            with torch.no_grad():
+                perturbed = blend(a.x, a.ref, upsample(a.mask, grid))
+                prob = self._forward(perturbed).float().softmax(1).gather(1, a.target[:, None]).squeeze(1)
+            goal = prob <= cfg.stop_ratio * a.p0
+            a.kept_mask = torch.where(goal.view(-1, 1, 1, 1), a.mask, a.kept_mask)
+            a.kept |= goal
+            # out of iterations without meeting the goal now: fall back on the last mask that did
+            fallback = out_of_steps & ~goal & a.kept
+            a.mask = torch.where(fallback.view(-1, 1, 1, 1), a.kept_mask, a.mask)
+        else:
+            goal = (mean_loss - a.last_loss).abs() < cfg.tol
+        if not cfg.early_stop:
+            return out_of_steps
+        moved = (a.mask - a.prev_mask).abs().flatten(1).mean(1)
+        return out_of_steps | ((a.t >= cfg.min_iterations) & (moved < cfg.tol) & goal)
+
+    def _admit(self, images: torch.Tensor, targets: torch.Tensor, prob_before: torch.Tensor, take: torch.Tensor,
                low: tuple[int, int], init: float) -> _Active:
         x = images[take]
         k = len(take)
         mask = torch.full((k, 1, *low), init, device=images.device)
         zeros = torch.zeros_like(mask)
-        return _Active(idx=take, x=x, ref=self._reference(x, take), target=targets[take], mask=mask, m1=zeros,
+        p0 = prob_before[take]
+        log_floor = floor_score(p0, self.config.floor, self.config.score)
+        return _Active(idx=take, x=x, ref=self._reference(x, take), target=targets[take], p0=p0, log_floor=log_floor,
+                       mask=mask, m1=zeros,
                        m2=zeros.clone(), t=torch.zeros(k, dtype=torch.long, device=images.device),
                        prev_mask=mask.clone(), loss_sum=torch.zeros(k, device=images.device),
-                       last_loss=torch.full((k,), float("inf"), device=images.device))
+                       last_loss=torch.full((k,), float("inf"), device=images.device), kept_mask=mask.clone(),
+                       kept=torch.zeros(k, dtype=torch.bool, device=images.device))
 
     def _window(self, a: _Active, grid: torch.Tensor, shifts: torch.Tensor, noise: torch.Tensor | None,
                 bank: int) -> int:
@@ -244,8 +274,9 @@ class MeaningfulPerturbation:
             perturbed = blend(a.x, a.ref, upsample(mask, grid, shift))
             if noise is not None:
                 perturbed = perturbed + noise[a.t % bank]
-            loss = objective(mask, self._forward(perturbed), a.target, cfg.game, cfg.l1_coeff, cfg.tv_coeff,
-                             cfg.tv_beta, cfg.score)
+            logits = self._forward(perturbed)
+            loss = objective(mask, logits, a.target, cfg.game, cfg.l1_coeff, cfg.tv_coeff, cfg.tv_beta, cfg.score,
+                             a.log_floor)
             (grad,) = torch.autograd.grad(loss.sum(), mask)
             with torch.no_grad():
                 t = (a.t + 1).view(-1, 1, 1, 1).float()
@@ -256,8 +287,19 @@ class MeaningfulPerturbation:
                 live4 = live.view(-1, 1, 1, 1)
                 a.mask = torch.where(live4, new_mask, mask.detach())
                 a.loss_sum += torch.where(live, loss.detach(), torch.zeros_like(loss))
+
                 a.t = a.t + live.long()
         return max(steps, 1)
+
+
+def floor_score(p0: torch.Tensor, floor: float, score: str) -> torch.Tensor:
+    """The class term's floor for probabilities ``floor * p0``, in the score's units."""
+    if floor <= 0:
+        return torch.full_like(p0, -1e30)
+    q = (p0 * floor).clamp(1e-30, 1 - 1e-7)
+    if score == "log_odds":
+        return q.log() - torch.log1p(-q)
+    return q.log() if score == "log_prob" else q
 
 
 def compute_masks(model: nn.Module, images: torch.Tensor, target: torch.Tensor | int | None = None,

@@ -24,17 +24,34 @@ def tv_term(mask: torch.Tensor, beta: float) -> torch.Tensor:
     return dx + dy
 
 
-SCORES = ("prob", "log_prob")
+SCORES = ("prob", "log_prob", "log_odds")
 
 
-def class_term(logits: torch.Tensor, target: torch.Tensor, game: str, score: str = "prob") -> torch.Tensor:
+def class_term(logits: torch.Tensor, target: torch.Tensor, game: str, score: str = "prob",
+               log_floor: torch.Tensor | None = None) -> torch.Tensor:
     """The class evidence to remove (deletion) or keep (preservation).
 
     ``prob`` is the paper's softmax probability (deletion drives it down, preservation
     drives ``1 - p`` down); ``log_prob`` uses ``log p`` (deletion) and ``-log p``
-    (preservation), which keeps pushing once ``p`` is small.
+    (preservation), which keeps pushing once ``p`` is small; ``log_odds`` uses
+    ``log(p / (1 - p))``, which also keeps its gradient on saturated, over-confident
+    predictions. In the deletion game, ``log_floor`` (per sample, in the score's own units:
+    log p, or log-odds) caps the reward: below it the class counts as deleted and only
+    the mask's area and smoothness are optimised, so the mask settles at the smallest
+    deletion that reaches the floor.
     """
-    logp = logits.float().log_softmax(1).gather(1, target.view(-1, 1)).squeeze(1)
+    logits = logits.float()
+    if score == "log_odds":
+        # log(p / (1 - p)) = z_t - logsumexp of the other logits; its gradient does not vanish
+        # when the softmax saturates (p == 1.0 in float32), unlike log p's.
+        others = logits.scatter(1, target.view(-1, 1), float("-inf"))
+        odds = logits.gather(1, target.view(-1, 1)).squeeze(1) - others.logsumexp(1)
+        if log_floor is not None and game == "delete":
+            odds = torch.maximum(odds, log_floor)
+        return odds if game == "delete" else -odds
+    logp = logits.log_softmax(1).gather(1, target.view(-1, 1)).squeeze(1)
+    if log_floor is not None and game == "delete":
+        logp = torch.maximum(logp, log_floor)
     if score == "log_prob":
         return logp if game == "delete" else -logp
     prob = logp.exp()
@@ -42,11 +59,12 @@ def class_term(logits: torch.Tensor, target: torch.Tensor, game: str, score: str
 
 
 def objective(mask_low: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, game: str,
-              l1_coeff: float, tv_coeff: float, tv_beta: float, score: str = "prob") -> torch.Tensor:
+              l1_coeff: float, tv_coeff: float, tv_beta: float, score: str = "prob",
+              log_floor: torch.Tensor | None = None) -> torch.Tensor:
     """lambda1 * area + lambda2 * TV_beta(mask) + class term, one value per sample.
 
     Area and TV are taken on the low-resolution mask that is optimised (the upsampled mask
     is a fixed linear function of it), which keeps the loss cheap.
     """
     return (l1_coeff * l1_term(mask_low, game) + tv_coeff * tv_term(mask_low, tv_beta)
-            + class_term(logits, target, game, score))
+            + class_term(logits, target, game, score, log_floor))

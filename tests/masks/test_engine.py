@@ -46,7 +46,8 @@ def test_batched_equals_one_at_a_time(tiny_model, tiny_images, jitter, noise):
 
 
 def test_early_stopping_is_per_image_and_batch_independent(tiny_model, tiny_images):
-    cfg = MaskConfig(iterations=200, early_stop=True, check_every=10, min_iterations=20, tol=0.05, batch_size=5)
+    cfg = MaskConfig(iterations=200, early_stop=True, check_every=10, min_iterations=20, tol=0.05, stop_ratio=0.9,
+                     batch_size=5)
     x = tiny_images[:12]
     r = compute_masks(tiny_model, x, config=cfg)
     assert r.iterations.min() < 200 and (r.iterations % 10 == 0).all()

@@ -69,7 +69,7 @@ def test_objective_is_per_sample():
 
 
 @pytest.mark.parametrize("bad", [{"game": "hide"}, {"perturbation": "x"}, {"iterations": 0}, {"lr": 0},
-                                 {"l1_coeff": -1}, {"score": "logit"}])
+                                 {"l1_coeff": -1}, {"score": "logit"}, {"floor": -0.1}])
 def test_config_rejects_bad_values(bad):
     with pytest.raises(ValueError):
         MaskConfig(**bad)
