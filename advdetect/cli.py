@@ -192,7 +192,7 @@ def masks(in_dir: str, model: str | None, shard_size: int, device: str, seed: in
 def explain(image: str, model: str, out: str | None, target: str | None, device: str, seed: int, as_json: bool,
             **options: Any) -> None:
     """Explain one image: its mask, the perturbed image and the probabilities before and after."""
-    from .explain import explain_file
+    from .explanation import explain_file
 
     result = explain_file(image, model=model, config=mask_config(seed, **pop_mask_options(options)), target=target,
                           out=out, device=device)

@@ -42,9 +42,31 @@ def masks_dir(attack_dir: str | os.PathLike) -> Path:
     return Path(attack_dir) / "masks"
 
 
+def _clean_donor(attack_dir: str | os.PathLike | None, clean: torch.Tensor, config: MaskConfig,
+                 shard_size: int) -> dict[str, torch.Tensor] | None:
+    """Clean masks of another attack set over the very same clean images and mask settings."""
+    if attack_dir is None:
+        return None
+    manifest = ShardStore(masks_dir(attack_dir)).manifest()
+    job = manifest.get("job", {})
+    if (not manifest.get("complete") or job.get("mask_config") != config.to_dict()
+            or job.get("shard_size") != shard_size):
+        return None
+    if not torch.equal(load_attack_set(attack_dir).clean, clean):
+        return None
+    masks = load_mask_set(attack_dir)
+    return {k: v for k, v in masks.items() if k.startswith("clean_")}
+
+
 def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config: MaskConfig | None = None,
-                     shard_size: int = 512, progress: bool = True) -> MaskSetSummary:
-    """Compute masks for every clean and adversarial image of the attack set at ``attack_dir``."""
+                     shard_size: int = 512, progress: bool = True,
+                     reuse_clean_from: str | os.PathLike | None = None) -> MaskSetSummary:
+    """Compute masks for every clean and adversarial image of the attack set at ``attack_dir``.
+
+    ``reuse_clean_from`` names another attack set over the same clean images (another attack
+    on the same subset): its clean masks are copied instead of recomputed when they were made
+    with the same settings (masks are deterministic, so this changes nothing but the time).
+    """
     from tqdm.auto import tqdm
 
     config = config or MaskConfig()
@@ -60,6 +82,7 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
     store.start({"format": FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
                  "shard_size": shard_size})
     explainer = MeaningfulPerturbation(model, config)
+    donor = _clean_donor(reuse_clean_from, data.clean, config, shard_size)
     n = int(data.labels.shape[0])
     n_shards = (n + shard_size - 1) // shard_size
     bar = tqdm(total=2 * n, desc="masks", unit="mask", disable=not progress)
@@ -72,6 +95,10 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
             continue
         tensors: dict[str, torch.Tensor] = {}
         for kind, images in (("clean", data.clean[sl]), ("adv", data.adv[sl])):
+            if kind == "clean" and donor is not None:
+                tensors.update({k: v[sl] for k, v in donor.items()})
+                bar.update(count)
+                continue
             r = explainer.attribute(images.to(device))
             tensors.update({f"{kind}_mask": r.masks, f"{kind}_target": r.targets, f"{kind}_prob_before": r.prob_before,
                             f"{kind}_prob_after": r.prob_after, f"{kind}_iterations": r.iterations})

@@ -64,13 +64,16 @@ def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
 
 def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int, seed: int, work: Path,
                   mask_config: MaskConfig, data_dir: str | os.PathLike | None, batch_size: int,
-                  progress: bool) -> Path:
-    """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory."""
+                  progress: bool, reuse_clean_from: Path | None = None) -> Path:
+    """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory.
+
+    ``reuse_clean_from``: an earlier split over the same images, whose clean masks are reused.
+    """
     directory = work / f"{split}-{attack.name}"
     data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress)
     generate_attack_set(model, data, attack, directory, batch_size=batch_size, seed=seed, progress=progress,
                         data_description={"dataset": "cifar10", "split": split, "n": n, "seed": seed})
-    compute_mask_set(model, directory, config=mask_config, progress=progress)
+    compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from)
     return directory
 
 
@@ -117,8 +120,10 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     mask_config = mask_config or MaskConfig()
     detector = detector or MaskDetector(seed=seed, device=str(model.device))
 
-    train_dirs = [prepare_split(model, a, "train", n, seed, work, mask_config, data_dir, batch_size, progress)
-                  for a in attacks]
+    train_dirs: list[Path] = []
+    for a in attacks:
+        train_dirs.append(prepare_split(model, a, "train", n, seed, work, mask_config, data_dir, batch_size, progress,
+                                        reuse_clean_from=train_dirs[0] if train_dirs else None))
     # images are split by index: the first part fits the detector, the rest calibrates it
     n_fit = int(round(n * (1 - calibration_fraction)))
     fit_clean, fit_adv, cal_clean = [], [], []
@@ -136,10 +141,11 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     detector.calibrate(torch.cat(cal_clean))
 
     eval_attacks = list(attacks) + [a for a in (transfer or []) if a not in attacks]
-    metrics = {}
+    metrics, first_test = {}, None
     for a in eval_attacks:
         directory = prepare_split(model, a, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
-                                  progress)
+                                  progress, reuse_clean_from=first_test)
+        first_test = first_test or directory
         metrics[a.name] = evaluate_split(model, detector, directory, mask_config)
         metrics[a.name]["trained_on"] = a in attacks
     report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],

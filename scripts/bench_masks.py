@@ -102,7 +102,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
 
-    n = args.n or (64 if args.quick else 512)
+    n = args.n or (64 if args.quick else 256)
     n_single = args.n_per_image or (4 if args.quick else 24)
     sizes = [int(s) for s in (args.batch_sizes or ("32,64" if args.quick else "16,32,64,128,256")).split(",")]
     device = torch.device(args.device)

@@ -35,7 +35,7 @@ from .perturbation import blend, reference
 log = logging.getLogger(__name__)
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
-DEFAULT_BATCH = {"cpu": 64, "cuda": 512}
+DEFAULT_BATCH = {"cpu": 32, "cuda": 512}  # cpu: best of 16-256 in scripts/bench_masks.py
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""End to end: attack -> masks -> train -> detect / recover / explain, on a few real images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from advdetect.attackset import load_attack_set
+from advdetect.cli import main
+from advdetect.imageio import save_image
+from advdetect.maskset import load_mask_set
+
+from .conftest import SHARED_DATA, needs_builtin, needs_shared
+
+pytestmark = [needs_shared, needs_builtin]
+FAST_MASKS = ["--iterations", "40"]
+
+
+def run(*args: str):
+    result = CliRunner().invoke(main, list(args))
+    return result
+
+
+def last_json(result):
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("det")
+    result = run("train", "--n", "120", "--n-eval", "60", "--out", str(out), "--data-dir", str(SHARED_DATA),
+                 "--transfer", "fgsm", "--json", *FAST_MASKS)
+    assert result.exit_code == 0, result.output
+    return out, last_json(result)
+
+
+def test_train_report_and_artifacts(detector_dir):
+    out, report = detector_dir
+    assert (out / "detector.json").is_file() and (out / "detector.safetensors").is_file()
+    assert set(report["metrics"]) == {"bim", "fgsm"}
+    m = report["metrics"]["bim"]
+    for key in ("accuracy", "roc_auc", "tpr_at_5fpr", "tpr_at_1fpr", "recovery_top1", "recovery_top5", "harm"):
+        assert 0.0 <= m[key] <= 1.0, key
+    assert m["trained_on"] and not report["metrics"]["fgsm"]["trained_on"]
+    meta = json.loads((out / "detector.json").read_text())
+    assert meta["classifier"]["name"] == "cifar10-cnn" and meta["mask_config"]["iterations"] == 40
+    # rerunning reuses every finished stage and gives the same report
+    again = run("train", "--n", "120", "--n-eval", "60", "--out", str(out), "--data-dir", str(SHARED_DATA),
+                "--transfer", "fgsm", "--json", *FAST_MASKS)
+    assert again.exit_code == 0 and last_json(again)["metrics"]["bim"]["roc_auc"] == m["roc_auc"]
+
+
+def test_detect_and_recover(detector_dir, tmp_path):
+    out, _ = detector_dir
+    data = load_attack_set(out / "work" / "test-bim")
+    save_image(data.adv[0], tmp_path / "adv.png")
+    rgba = (data.clean[1].permute(1, 2, 0) * 255).byte().numpy()
+    Image.fromarray(rgba).convert("RGBA").resize((64, 64)).save(tmp_path / "big.png")
+    result = run("detect", str(tmp_path / "adv.png"), str(tmp_path / "big.png"), "--detector", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    rows = last_json(result)["images"]
+    assert [r["image"].endswith(n) for r, n in zip(rows, ("adv.png", "big.png"))] == [True, True]
+    assert any("resized" in n for n in rows[1]["notes"]) and any("alpha" in n for n in rows[1]["notes"])
+    assert all(isinstance(r["adversarial"], bool) for r in rows)
+    text = run("detect", str(tmp_path / "adv.png"), "--detector", str(out))
+    assert "score" in text.output and ("ADVERSARIAL" in text.output or "clean" in text.output)
+    rec = run("recover", str(tmp_path / "adv.png"), "--detector", str(out), "--out", str(tmp_path / "r.png"), "--json")
+    assert rec.exit_code == 0, rec.output
+    r = last_json(rec)
+    assert len(r["recovered_top5"]) == 5 and (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_detector_for_another_model_is_refused(detector_dir, tmp_path):
+    out, _ = detector_dir
+    img = tmp_path / "x.png"
+    save_image(torch.rand(3, 224, 224), img)
+    result = run("detect", str(img), "--detector", str(out), "--model", "torchvision:resnet18")
+    assert result.exit_code == 2 and "was built for classifier cifar10-cnn" in result.output
+
+
+def test_masks_command(tmp_path):
+    out = tmp_path / "set"
+    assert run("attack", "--n", "12", "--data-dir", str(SHARED_DATA), "--out", str(out)).exit_code == 0
+    result = run("masks", "--in", str(out), "--json", *FAST_MASKS)
+    assert result.exit_code == 0, result.output
+    summary = last_json(result)
+    assert summary["n"] == 12 and 0 <= summary["clean"]["deleted_fraction"] <= 1
+    masks = load_mask_set(out)
+    assert masks["clean_mask"].shape == masks["adv_mask"].shape == (12, 1, 32, 32)
+
+
+def test_explain_command_and_function(tmp_path):
+    import advdetect
+
+    img = tmp_path / "img.png"
+    save_image(torch.rand(3, 32, 32), img)
+    result = run("explain", str(img), "--out", str(tmp_path / "fig.png"), "--json", *FAST_MASKS)
+    assert result.exit_code == 0, result.output
+    r = last_json(result)
+    assert 0 <= r["prob_after"] <= 1 and (tmp_path / "fig.png").stat().st_size > 1000
+    e = advdetect.explain(torch.rand(3, 32, 32), "cifar10-cnn",
+                          config=advdetect.MaskConfig(iterations=20))
+    assert e.mask.shape == (1, 32, 32) and e.probs_after.shape == (10,)
+    bad = run("explain", str(img), "--target", "zebra")
+    assert bad.exit_code == 2 and "unknown class 'zebra'" in bad.output
