@@ -29,7 +29,7 @@ from torch import nn
 from ..models.wrapper import frozen
 from .config import MaskConfig
 from .loss import class_term, objective
-from .parameterization import base_grid, low_res_shape, upsample
+from .parameterization import base_grid, low_res_shape, pixels_to_grid, upsample
 from .perturbation import blend, reference
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class MeaningfulPerturbation:
         prob_before = self._probs(images, targets, batch)
 
         gen = torch.Generator().manual_seed(cfg.seed)
-        shifts = ((torch.rand(cfg.iterations, 2, generator=gen) * 2 - 1) * cfg.jitter).to(device)
+        shifts = pixels_to_grid((torch.rand(cfg.iterations, 2, generator=gen) * 2 - 1) * cfg.jitter, (h, w)).to(device)
         bank = min(cfg.iterations, 64)
         noise = (torch.randn(bank, c, h, w, generator=gen) * cfg.noise).to(device) if cfg.noise > 0 else None
         grid = base_grid((h, w), device, images.dtype)
@@ -263,15 +263,14 @@ class MeaningfulPerturbation:
         """Run up to ``check_every`` Adam iterations on the active images; return the count."""
         cfg = self.config
         b1, b2 = ADAM_BETAS
-        steps = 0
-        for _ in range(cfg.check_every):
-            live = a.t < cfg.iterations
-            if not live.any():
-                break
-            steps += 1
+        # images enter at window boundaries, so only the last window can be cut short; one
+        # host sync per window instead of one per iteration
+        steps = min(cfg.check_every, cfg.iterations - int(a.t.min()))
+        for _ in range(steps):
+            live = (a.t < cfg.iterations).view(-1, 1, 1, 1)
             mask = a.mask.requires_grad_(True)
-            shift = shifts[a.t.clamp(max=cfg.iterations - 1)] if cfg.jitter > 0 else None
-            perturbed = blend(a.x, a.ref, upsample(mask, grid, shift))
+            offset = shifts[a.t.clamp(max=cfg.iterations - 1)] if cfg.jitter > 0 else None
+            perturbed = blend(a.x, a.ref, upsample(mask, grid, offset))
             if noise is not None:
                 perturbed = perturbed + noise[a.t % bank]
             logits = self._forward(perturbed)
@@ -283,12 +282,9 @@ class MeaningfulPerturbation:
                 a.m1.mul_(b1).add_(grad, alpha=1 - b1)
                 a.m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
                 step = (a.m1 / (1 - b1 ** t)) / ((a.m2 / (1 - b2 ** t)).sqrt() + ADAM_EPS)
-                new_mask = (mask - cfg.lr * step).clamp_(0, 1)
-                live4 = live.view(-1, 1, 1, 1)
-                a.mask = torch.where(live4, new_mask, mask.detach())
-                a.loss_sum += torch.where(live, loss.detach(), torch.zeros_like(loss))
-
-                a.t = a.t + live.long()
+                a.mask = torch.where(live, (mask - cfg.lr * step).clamp_(0, 1), mask.detach())
+                a.loss_sum += torch.where(live.view(-1), loss.detach(), torch.zeros_like(loss))
+                a.t = a.t + live.view(-1).long()
         return max(steps, 1)
 
 

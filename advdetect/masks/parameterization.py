@@ -29,16 +29,20 @@ def base_grid(size: tuple[int, int], device: torch.device, dtype: torch.dtype) -
     return torch.stack([gx, gy], dim=-1).unsqueeze(0)
 
 
-def upsample(low: torch.Tensor, grid: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+def pixels_to_grid(shift: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Convert (x, y) shifts in output pixels to ``grid_sample``'s [-1, 1] units."""
+    h, w = size
+    return shift * torch.tensor([2.0 / w, 2.0 / h], device=shift.device, dtype=shift.dtype)
+
+
+def upsample(low: torch.Tensor, grid: torch.Tensor, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Full-resolution masks from low-resolution ones.
 
-    ``grid`` is :func:`base_grid` of the output size; ``shift`` (N x 2, in output pixels)
-    translates each sample's mask, with border values extended.
+    ``grid`` is :func:`base_grid` of the output size; ``offset`` (N x 2, in grid units, see
+    :func:`pixels_to_grid`) translates each sample's mask, with border values extended.
     """
     n = low.shape[0]
     g = grid.expand(n, -1, -1, -1)
-    if shift is not None:
-        h, w = grid.shape[1:3]
-        scale = torch.tensor([2.0 / w, 2.0 / h], device=grid.device, dtype=grid.dtype)
-        g = g + (shift.to(grid.dtype) * scale).view(n, 1, 1, 2)
+    if offset is not None:
+        g = g + offset.to(grid.dtype).view(n, 1, 1, 2)
     return F.grid_sample(low, g, mode="bilinear", padding_mode="border", align_corners=False)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from advdetect.masks import MaskConfig
 from advdetect.masks.loss import class_term, l1_term, objective, tv_term
-from advdetect.masks.parameterization import base_grid, low_res_shape, upsample
+from advdetect.masks.parameterization import base_grid, low_res_shape, pixels_to_grid, upsample
 from advdetect.masks.perturbation import blend, gaussian_blur, reference
 
 
@@ -37,7 +37,7 @@ def test_upsample_matches_bilinear_interpolation_and_shifts():
     grid = base_grid((16, 16), low.device, low.dtype)
     expected = F.interpolate(low, size=(16, 16), mode="bilinear", align_corners=False)
     assert torch.allclose(upsample(low, grid), expected, atol=1e-5)
-    shifted = upsample(low, grid, torch.tensor([[4.0, 0.0], [0.0, 0.0], [0.0, -4.0]]))
+    shifted = upsample(low, grid, pixels_to_grid(torch.tensor([[4.0, 0.0], [0.0, 0.0], [0.0, -4.0]]), (16, 16)))
     assert torch.allclose(shifted[0, :, :, :8], expected[0, :, :, 4:12], atol=1e-5)  # moved by 4 px in x
     assert torch.allclose(shifted[1], expected[1], atol=1e-6)
     assert low_res_shape((32, 32), 4) == (8, 8) and low_res_shape((30, 30), 4) == (8, 8)
