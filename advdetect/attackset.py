@@ -121,7 +121,7 @@ def attack_set_dir_ok(directory: str | os.PathLike) -> bool:
 
 
 def run_attack(
-    model: str = "cifar10-cnn",
+    model: str | ModelWrapper = "cifar10-cnn",
     attack: str = "bim",
     eps: str | float = "8/255",
     alpha: str | float | None = None,
@@ -140,11 +140,10 @@ def run_attack(
     """Load a model and a seeded subset of data, attack it, store the set; return the summary."""
     from .attacks import parse_eps
     from .data import load_dataset
-    from .device import resolve_device
-    from .models import load_model
+    from .models import resolve_model
 
     config = AttackConfig(attack, eps=parse_eps(eps), alpha=None if alpha is None else parse_eps(alpha), steps=steps)
-    wrapper = load_model(model, device=resolve_device(device))
+    wrapper = resolve_model(model, device)
     data = load_dataset(dataset, split=split, n=n, seed=seed, data_dir=data_dir, data_path=data_path,
                         input_size=wrapper.info.input_size if data_path else None, progress=progress)
     wrapper.check_input(data.images[:1])

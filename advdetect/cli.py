@@ -55,6 +55,35 @@ def common_options(func: Callable) -> Callable:
     return wrapper
 
 
+def model_file_options(func: Callable) -> Callable:
+    """--mean, --std and --input-size for a user's own .pt2/.pt model file."""
+    func = click.option("--input-size", default=None, help="Model file's input size, e.g. 32 or 224,224.")(func)
+    func = click.option("--std", default=None, help="Model file's normalization std, e.g. 0.247,0.243,0.261.")(func)
+    func = click.option("--mean", default=None, help="Model file's normalization mean, e.g. 0.491,0.482,0.447.")(func)
+    return func
+
+
+def model_arg(spec: str | None, kwargs: dict[str, Any]) -> Any:
+    """The model for a library call: the spec itself, or the file loaded with --mean/--std/--input-size."""
+    mean, std, size = kwargs.pop("mean"), kwargs.pop("std"), kwargs.pop("input_size")
+    if mean is None and std is None and size is None:
+        return spec
+    from .models import load_model
+    from .device import resolve_device
+
+    def floats(text: str | None, what: str) -> list[float] | None:
+        if text is None:
+            return None
+        try:
+            return [float(v) for v in text.split(",")]
+        except ValueError as exc:
+            raise AdvDetectError(f"bad --{what} {text!r}: give comma-separated numbers") from exc
+
+    sizes = floats(size, "input-size")
+    return load_model(spec or "", device=resolve_device(kwargs.get("device", "auto")), mean=floats(mean, "mean"),
+                      std=floats(std, "std"), input_size=[int(v) for v in sizes] if sizes else None)
+
+
 def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], str]) -> None:
     if as_json:
         click.echo(json.dumps(result))
@@ -104,14 +133,15 @@ def data_options(func: Callable) -> Callable:
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @data_options
+@model_file_options
 @common_options
 def attack(model: str, attack: str, eps: str, alpha: str | None, steps: int | None, n: int, batch_size: int,
            out: str, data_dir: str | None, data_path: str | None, dataset: str, split: str, device: str, seed: int,
-           as_json: bool) -> None:
+           as_json: bool, **files: Any) -> None:
     """Generate adversarial images and store them with predictions in OUT."""
     from .attackset import run_attack
 
-    summary = run_attack(model=model, attack=attack, eps=eps, alpha=alpha, steps=steps, n=n, out=out, split=split,
+    summary = run_attack(model=model_arg(model, dict(files, device=device)), attack=attack, eps=eps, alpha=alpha, steps=steps, n=n, out=out, split=split,
                          dataset=dataset, data_dir=data_dir, data_path=data_path, batch_size=batch_size, seed=seed,
                          device=device, progress=not as_json or sys.stderr.isatty())
     emit(summary.to_dict(), as_json, lambda r: (
@@ -166,13 +196,15 @@ def pop_mask_options(kwargs: dict[str, Any]) -> dict[str, Any]:
 @click.option("--model", default=None, help="Model spec [default: the one the attack set was made with].")
 @click.option("--shard-size", default=512, show_default=True, type=click.IntRange(min=1))
 @mask_options
+@model_file_options
 @common_options
 def masks(in_dir: str, model: str | None, shard_size: int, device: str, seed: int, as_json: bool,
           **options: Any) -> None:
     """Compute masks for the clean and adversarial images of an attack set (stored in IN/masks)."""
     from .maskset import run_mask_set
 
-    summary = run_mask_set(in_dir, model=model, config=mask_config(seed, **pop_mask_options(options)),
+    summary = run_mask_set(in_dir, model=model_arg(model, dict(options, device=device)),
+                           config=mask_config(seed, **pop_mask_options(options)),
                            shard_size=shard_size, device=device, progress=True)
     emit(summary.to_dict(), as_json, lambda r: (
         f"{2 * r['n']} masks -> {r['out']} in {r['seconds']:.1f}s ({r['masks_per_second']:.1f} masks/s)\n"
@@ -188,13 +220,15 @@ def masks(in_dir: str, model: str | None, shard_size: int, device: str, seed: in
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the figure here (.png, .pdf, .svg).")
 @click.option("--target", default=None, help="Class (name or index) to explain [default: the top prediction].")
 @mask_options
+@model_file_options
 @common_options
 def explain(image: str, model: str, out: str | None, target: str | None, device: str, seed: int, as_json: bool,
             **options: Any) -> None:
     """Explain one image: its mask, the perturbed image and the probabilities before and after."""
     from .explanation import explain_file
 
-    result = explain_file(image, model=model, config=mask_config(seed, **pop_mask_options(options)), target=target,
+    result = explain_file(image, model=model_arg(model, dict(options, device=device)),
+                          config=mask_config(seed, **pop_mask_options(options)), target=target,
                           out=out, device=device)
     emit(result, as_json, lambda r: "\n".join(
         [*(f"note: {n}" for n in r["notes"]),
@@ -216,13 +250,15 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
 @mask_options
+@model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           data_dir: str | None, device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .training import run_train
 
-    report = run_train(model=model, attack=attack, eps=eps, n=n, n_eval=n_eval, out=out, transfer=transfer,
+    report = run_train(model=model_arg(model, dict(options, device=device)), attack=attack, eps=eps, n=n,
+                       n_eval=n_eval, out=out, transfer=transfer,
                        mask_config=mask_config(seed, **pop_mask_options(options)), data_dir=data_dir, seed=seed,
                        device=device, progress=True)
     emit(report.to_dict(), as_json, render_train)
@@ -244,14 +280,16 @@ def render_train(r: dict[str, Any]) -> str:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
+@model_file_options
 @common_options
 def detect(images: tuple[str, ...], detector_dir: str, model: str | None, device: str, seed: int,
-           as_json: bool) -> None:
+           as_json: bool, **files: Any) -> None:
     """Say for each image whether it is adversarial: label, score, verdict."""
     from .inference import detect_images
 
     torch_seed(seed)
-    result = detect_images(list(images), detector_dir, model=model, device=device)
+    result = detect_images(list(images), detector_dir, model=model_arg(model, dict(files, device=device)),
+                           device=device)
     emit(result, as_json, lambda r: "\n".join(
         [*(f"note: {row['image']}: {note}" for row in r["images"] for note in row["notes"])]
         + [f"{row['image']}: {row['label']} ({pct(row['confidence'])}), score {row['score']:+.2f} -> "
@@ -263,14 +301,16 @@ def detect(images: tuple[str, ...], detector_dir: str, model: str | None, device
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Before/after figure (.png).")
+@model_file_options
 @common_options
 def recover(image: str, detector_dir: str, model: str | None, out: str | None, device: str, seed: int,
-            as_json: bool) -> None:
+            as_json: bool, **files: Any) -> None:
     """Apply the image's mask back to it and report the recovered top-1 and top-5."""
     from .inference import recover_image
 
     torch_seed(seed)
-    r = recover_image(image, detector_dir, model=model, out=out, device=device)
+    r = recover_image(image, detector_dir, model=model_arg(model, dict(files, device=device)), out=out,
+                      device=device)
     emit(r, as_json, lambda r: "\n".join(
         [*(f"note: {n}" for n in r["notes"]),
          f"{r['image']}: predicted {r['prediction']} ({pct(r['confidence'])}), "

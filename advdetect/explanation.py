@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .masks import MaskConfig, MeaningfulPerturbation
-from .models import ModelWrapper, load_model
+from .models import ModelWrapper, resolve_model
 
 
 @dataclass
@@ -50,11 +50,9 @@ def explain(image: torch.Tensor | str | os.PathLike, model: ModelWrapper | str =
     ``image`` is a path or a 3 x H x W / 1 x 3 x H x W tensor in [0, 1]; ``model`` a
     :class:`ModelWrapper` or a model spec such as ``"cifar10-cnn"``.
     """
-    from .device import resolve_device
     from .imageio import load_image
 
-    if isinstance(model, str):
-        model = load_model(model, device=resolve_device(device))
+    model = resolve_model(model, device)
     notes: list[str] = []
     if isinstance(image, (str, os.PathLike)):
         loaded = load_image(image, size=model.info.input_size)
@@ -76,14 +74,13 @@ def explain(image: torch.Tensor | str | os.PathLike, model: ModelWrapper | str =
     return explanation
 
 
-def explain_file(image: str | os.PathLike, model: str = "cifar10-cnn", config: MaskConfig | None = None,
+def explain_file(image: str | os.PathLike, model: str | ModelWrapper = "cifar10-cnn", config: MaskConfig | None = None,
                  target: str | int | None = None, out: str | os.PathLike | None = None,
                  device: str = "auto") -> dict[str, Any]:
     """The ``explain`` command: resolve the target by name or index, explain, report as a dict."""
-    from .device import resolve_device
     from .errors import AdvDetectError
 
-    wrapper = load_model(model, device=resolve_device(device))
+    wrapper = resolve_model(model, device)
     index: int | None = None
     if target is not None:
         if str(target).isdigit() and int(target) < wrapper.info.num_classes:

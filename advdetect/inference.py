@@ -12,20 +12,17 @@ from .detector import load_detector
 from .errors import AdvDetectError
 from .imageio import load_image
 from .masks import MaskConfig, MeaningfulPerturbation
-from .models import ModelWrapper, load_model
+from .models import ModelWrapper, resolve_model
 
 
-def _setup(detector_dir: str | os.PathLike, model: str | None, device: str):
-    from .device import resolve_device
+def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, device: str):
     from .storage import read_json
 
-    dev = resolve_device(device)
     meta_path = os.path.join(detector_dir, "detector.json")
     if not os.path.isfile(meta_path):
         raise AdvDetectError(f"{detector_dir}: not a detector (no detector.json); train one with `advdetect train`")
-    spec = model or read_json(meta_path).get("classifier", {}).get("name", "")
-    wrapper = load_model(spec, device=dev)
-    detector, meta = load_detector(detector_dir, classifier=wrapper.info.identity(), device=str(dev))
+    wrapper = resolve_model(model or read_json(meta_path).get("classifier", {}).get("name", ""), device)
+    detector, meta = load_detector(detector_dir, classifier=wrapper.info.identity(), device=str(wrapper.device))
     return wrapper, detector, meta, MaskConfig.from_dict(meta["mask_config"])
 
 
@@ -38,7 +35,8 @@ def _load_batch(paths: Sequence[str | os.PathLike], wrapper: ModelWrapper) -> tu
     return x, [item.notes for item in loaded]
 
 
-def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.PathLike, model: str | None = None,
+def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.PathLike,
+                  model: str | ModelWrapper | None = None,
                   device: str = "auto") -> dict[str, Any]:
     """Label, adversarial score and verdict for each image."""
     wrapper, detector, meta, config = _setup(detector_dir, model, device)
@@ -56,7 +54,7 @@ def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.Pat
             "calibration_fpr": detector.calibration_fpr_, "images": rows}
 
 
-def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, model: str | None = None,
+def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
                   out: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
     """The image's prediction, its mask applied back, and the recovered top-1 / top-5."""
     from .plots import explanation_figure

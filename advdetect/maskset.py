@@ -125,16 +125,14 @@ def load_mask_set(attack_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
     return store.load_all()
 
 
-def run_mask_set(attack_dir: str | os.PathLike, model: str | None = None, config: MaskConfig | None = None,
+def run_mask_set(attack_dir: str | os.PathLike, model: str | ModelWrapper | None = None, config: MaskConfig | None = None,
                  shard_size: int = 512, device: str = "auto", progress: bool = True) -> MaskSetSummary:
     """The ``masks`` command: load the attack set's model (or ``model``) and compute its masks."""
-    from .device import resolve_device
-    from .models import load_model
+    from .models import resolve_model
     from .storage import read_json
 
     manifest_path = Path(attack_dir) / "manifest.json"
     if not manifest_path.is_file():
         raise AdvDetectError(f"{attack_dir}: not an attack set (no manifest.json); create one with `advdetect attack`")
-    spec = model or read_json(manifest_path)["job"]["model"]["name"]
-    wrapper = load_model(spec, device=resolve_device(device))
+    wrapper = resolve_model(model or read_json(manifest_path)["job"]["model"]["name"], device)
     return compute_mask_set(wrapper, attack_dir, config=config, shard_size=shard_size, progress=progress)

@@ -166,17 +166,16 @@ def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
     return torch.cat([p[torch.randperm(len(p), generator=gen)[:per]] for p in parts])
 
 
-def run_train(model: str = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,
+def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,
               n_eval: int = 2000, out: str | os.PathLike = "detector", transfer: str | None = None,
               mask_config: MaskConfig | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
               device: str = "auto", progress: bool = True) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`."""
-    from .device import resolve_device
-    from .models import load_model
+    from .models import resolve_model
 
     attacks = parse_attacks(attack, eps)
     transfer_attacks = parse_attacks(transfer, eps) if transfer else []
-    wrapper = load_model(model, device=resolve_device(device))
+    wrapper = resolve_model(model, device)
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
                           transfer=transfer_attacks, data_dir=data_dir, seed=seed, progress=progress,
                           detector=MaskDetector(seed=seed, device=str(wrapper.device)))

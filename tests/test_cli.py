@@ -74,3 +74,22 @@ def test_attack_end_to_end_json(tmp_path):
     # a different job into the same folder is refused instead of mixed
     other = run("attack", "--attack", "fgsm", "--n", "32", "--data-dir", str(SHARED_DATA), "--out", str(out))
     assert other.exit_code == 2 and "different job" in other.output
+
+
+def test_attack_with_user_model_file_and_image_folder(tmp_path):
+    import torch
+
+    from .conftest import make_tiny_model
+    from .test_data import make_folder
+
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.trace(make_tiny_model().net.eval(), torch.rand(1, 3, 16, 16)), str(path))
+    folder = make_folder(tmp_path / "imgs", classes=[f"c{i}" for i in range(10)], per_class=2, size=(20, 20))
+    out = tmp_path / "set"
+    result = run("attack", "--model", str(path), "--mean", "0.5", "--std", "0.25", "--input-size", "16",
+                 "--data", str(folder), "--attack", "fgsm", "--n", "8", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    assert load_attack_set(out).clean.shape == (8, 3, 16, 16)  # resized to the model's input size
+    bad = run("attack", "--model", str(path), "--mean", "a,b", "--std", "0.25", "--input-size", "16",
+              "--data", str(folder), "--out", str(tmp_path / "o2"))
+    assert bad.exit_code == 2 and "bad --mean 'a,b'" in bad.output

@@ -1,6 +1,6 @@
 """Classifiers behind one wrapper: images in [0, 1] in, logits out."""
 
-from .registry import BUILTIN_MODELS, load_model
+from .registry import BUILTIN_MODELS, load_model, resolve_model
 from .wrapper import ModelInfo, ModelWrapper, eval_mode, frozen
 
-__all__ = ["BUILTIN_MODELS", "ModelInfo", "ModelWrapper", "eval_mode", "frozen", "load_model"]
+__all__ = ["BUILTIN_MODELS", "ModelInfo", "ModelWrapper", "eval_mode", "frozen", "load_model", "resolve_model"]

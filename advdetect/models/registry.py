@@ -62,6 +62,15 @@ def load_model(
     return model.to(device).eval()
 
 
+def resolve_model(model: str | ModelWrapper, device: str = "auto") -> ModelWrapper:
+    """A loaded model: ``model`` itself, or the spec loaded on ``device`` (auto: CUDA if any)."""
+    from ..device import resolve_device
+
+    if isinstance(model, ModelWrapper):
+        return model
+    return load_model(model, device=resolve_device(device))
+
+
 def _load_builtin(name: str) -> ModelWrapper:
     directory = models_dir()
     meta_path = directory / f"{name}.json"
@@ -149,6 +158,10 @@ def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     size = tuple(int(s) for s in input_size)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise AdvDetectError(f"{path}: input size must be H,W (or one number), got {input_size}")
     channels = len(mean) if isinstance(mean, (list, tuple)) and len(mean) > 1 else 3
     with torch.no_grad():
         try:
