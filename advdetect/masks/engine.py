@@ -143,8 +143,7 @@ class MeaningfulPerturbation:
         n, c, h, w = images.shape
         device = images.device
         batch = self.batch_size_for(device)
-        targets = self._targets(images, target, batch)
-        prob_before = self._probs(images, targets, batch)
+        targets, prob_before = self._targets_and_probs(images, target, batch)
 
         gen = torch.Generator().manual_seed(cfg.seed)
         shifts = pixels_to_grid((torch.rand(cfg.iterations, 2, generator=gen) * 2 - 1) * cfg.jitter, (h, w)).to(device)
@@ -178,9 +177,9 @@ class MeaningfulPerturbation:
                     masks_out[done.idx] = upsample(done.mask, grid)
                 iters_out[done.idx] = done.t
                 bar.update(len(done))
-            keep = ~finished
             active.last_loss = mean_loss
-            active = active.select(keep)
+            if finished.any():
+                active = active.select(~finished)
             active.prev_mask = active.mask.clone()
             active.loss_sum = torch.zeros_like(active.loss_sum)
         bar.close()
@@ -189,18 +188,23 @@ class MeaningfulPerturbation:
         prob_after = self._probs(perturbed_after, targets, batch)
         return MaskResult(masks_out, targets, prob_before, prob_after, iters_out, cfg)
 
-    def _targets(self, images: torch.Tensor, target: torch.Tensor | int | None, batch: int) -> torch.Tensor:
+    @torch.no_grad()
+    def _targets_and_probs(self, images: torch.Tensor, target: torch.Tensor | int | None,
+                           batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The class each mask explains (top prediction unless given) and its probability, in one pass."""
         n = images.shape[0]
+        if n == 0:
+            return torch.empty(0, dtype=torch.long, device=images.device), torch.empty(0, device=images.device)
+        probs = torch.cat([self._forward(images[s:s + batch]).float().softmax(1) for s in range(0, n, batch)])
         if target is None:
-            with torch.no_grad():
-                preds = [self._forward(images[s:s + batch]).argmax(1) for s in range(0, n, batch)]
-            return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long, device=images.device)
-        if isinstance(target, int):
-            return torch.full((n,), target, dtype=torch.long, device=images.device)
-        target = torch.as_tensor(target, device=images.device).long().view(-1)
-        if target.shape[0] != n:
-            raise ValueError(f"target has {target.shape[0]} entries for {n} images")
-        return target
+            targets = probs.argmax(1)
+        elif isinstance(target, int):
+            targets = torch.full((n,), target, dtype=torch.long, device=images.device)
+        else:
+            targets = torch.as_tensor(target, device=images.device).long().view(-1)
+            if targets.shape[0] != n:
+                raise ValueError(f"target has {targets.shape[0]} entries for {n} images")
+        return targets, probs.gather(1, targets[:, None]).squeeze(1)
 
     def _reference(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         cfg = self.config
