@@ -11,7 +11,6 @@ import logging
 import os
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -114,10 +113,6 @@ def load_attack_set(directory: str | os.PathLike) -> AttackSet:
         raise AdvDetectError(f"{directory}: attack set is incomplete; rerun the same attack command to finish it")
     t = store.load_all()
     return AttackSet(t["clean"], t["adv"], t["labels"], t["clean_pred"], t["adv_pred"], manifest)
-
-
-def attack_set_dir_ok(directory: str | os.PathLike) -> bool:
-    return (Path(directory) / "manifest.json").is_file()
 
 
 def run_attack(

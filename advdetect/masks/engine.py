@@ -28,7 +28,7 @@ from torch import nn
 
 from ..models.wrapper import frozen
 from .config import MaskConfig
-from .loss import class_term, objective
+from .loss import objective
 from .parameterization import base_grid, low_res_shape, pixels_to_grid, upsample
 from .perturbation import blend, reference
 
@@ -308,4 +308,4 @@ def compute_masks(model: nn.Module, images: torch.Tensor, target: torch.Tensor |
     return MeaningfulPerturbation(model, config).attribute(images, target=target, progress=progress)
 
 
-__all__ = ["MaskResult", "MeaningfulPerturbation", "compute_masks", "class_term"]
+__all__ = ["MaskResult", "MeaningfulPerturbation", "compute_masks", "floor_score"]
