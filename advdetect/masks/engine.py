@@ -232,8 +232,7 @@ class MeaningfulPerturbation:
         out_of_steps = a.t >= cfg.iterations
         if cfg.game == "delete":
             with torch.no_grad():
-                perturbed = blend(a.x, a.ref, upsample(a.mask, grid))
-                prob = self._forward(perturbed).float().softmax(1).gather(1, a.target[:, None]).squeeze(1)
+                prob = self._probs(blend(a.x, a.ref, upsample(a.mask, grid)), a.target, len(a))
             goal = prob <= cfg.stop_ratio * a.p0
             a.kept_mask = torch.where(goal.view(-1, 1, 1, 1), a.mask, a.kept_mask)
             a.kept |= goal
@@ -299,7 +298,7 @@ def floor_score(p0: torch.Tensor, floor: float, score: str) -> torch.Tensor:
     q = (p0 * floor).clamp(1e-30, 1 - 1e-7)
     if score == "log_odds":
         return q.log() - torch.log1p(-q)
-    return q.log() if score == "log_prob" else q
+    return q.log()  # "prob" and "log_prob" are both floored on log p (see loss.class_term)
 
 
 def compute_masks(model: nn.Module, images: torch.Tensor, target: torch.Tensor | int | None = None,

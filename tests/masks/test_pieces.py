@@ -82,3 +82,20 @@ def test_config_roundtrip_and_paper_preset():
         MaskConfig.from_dict({"bogus": 1})
     paper = MaskConfig.paper()
     assert paper.upsample == 8 and paper.tv_beta == 3 and paper.iterations == 300 and not paper.early_stop
+
+
+@pytest.mark.parametrize("score", ["prob", "log_prob", "log_odds"])
+def test_floor_stops_the_push_exactly_at_floor_times_p0(score):
+    from advdetect.masks.engine import floor_score
+
+    p0 = torch.tensor([0.9])
+    floor = floor_score(p0, 0.1, score)  # the class counts as deleted below p = 0.09
+    target = torch.tensor([0])
+
+    def grad_at(p: float) -> float:
+        logits = torch.tensor([[torch.log(torch.tensor(p / (1 - p))).item(), 0.0]], requires_grad=True)
+        class_term(logits, target, "delete", score, floor).sum().backward()
+        return logits.grad.abs().sum().item()
+
+    assert grad_at(0.2) > 0  # above the floor: still pushed down
+    assert grad_at(0.05) == 0  # below the floor: nothing more to gain
