@@ -19,6 +19,24 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 class AdvDetectGroup(click.Group):
     """Turns our errors into one line on stderr and exit code 2 (1 for internal errors)."""
 
+    def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `advdetect`: show the help as click would
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.exceptions.ClickException as exc:  # usage errors: one line, not click's usage block
+            hint = f" (see '{exc.ctx.command_path} --help')" if getattr(exc, "ctx", None) is not None else ""
+            click.echo(f"advdetect: error: {exc.format_message()}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            click.echo("advdetect: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
     def invoke(self, ctx: click.Context) -> Any:
         debug = bool(ctx.params.get("debug"))
         try:
@@ -30,6 +48,12 @@ class AdvDetectGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except OSError as exc:  # disk full, permission denied, read-only file system: the user's to fix
+            if debug:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"advdetect: error: {exc.strerror or exc}{where}; free space or choose another path", err=True)
+            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("advdetect: interrupted; finished shards are kept, rerun the same command to continue", err=True)
             ctx.exit(130)

@@ -7,6 +7,7 @@ becomes either a clean conversion (reported in ``notes``) or an :class:`AdvDetec
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import torch
 from .errors import AdvDetectError
 
 MAX_PIXELS = 64_000_000  # refuse larger images (decompression-bomb limit)
+MAX_FILE_BYTES = 512 * 2**20  # and larger files
 
 
 @dataclass
@@ -33,33 +35,44 @@ class LoadedImage:
         return self.pixels.float().div(255.0)
 
 
-def _open_checked(path: Path):
+def _open_checked(path: Path, notes: list[str]):
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
         raise AdvDetectError(f"{path}: no such file")
     if path.is_dir():
         raise AdvDetectError(f"{path}: is a directory, expected an image file")
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise AdvDetectError(f"{path}: file is empty (0 bytes)")
+    if size > MAX_FILE_BYTES:
+        raise AdvDetectError(f"{path}: file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB limit "
+                             "for one image")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(path.read_bytes()))  # in memory: no file handle outlives the call
             w, h = img.size
             if w * h > MAX_PIXELS:
-                raise AdvDetectError(f"{path}: image is {w}x{h}, over the {MAX_PIXELS:,}-pixel limit")
+                raise AdvDetectError(f"{path}: image is {w}x{h}, over the {MAX_PIXELS:,}-pixel limit "
+                                     "(a possible decompression bomb); downscale it first")
             img.load()  # decode now so truncation surfaces here
+        # the decoder's complaints about a file it could still read are reported, not printed
+        notes.extend(dict.fromkeys(f"decoder warning: {w.message}" for w in caught))
     except AdvDetectError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise AdvDetectError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (a possible decompression "
+                             f"bomb: {exc}); downscale it first") from exc
+    except UnidentifiedImageError as exc:
         raise AdvDetectError(f"{path}: not a readable image ({exc})") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
         raise AdvDetectError(f"{path}: corrupt or truncated image ({exc})") from exc
     return img
 
 
-def _to_rgb_array(img, notes: list[str]) -> np.ndarray:
+def _to_rgb_array(img, path: Path, notes: list[str]) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.float64)
@@ -70,7 +83,7 @@ def _to_rgb_array(img, notes: list[str]) -> np.ndarray:
     if mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         if not np.isfinite(arr).all():
-            raise AdvDetectError("image holds NaN or infinite values")
+            raise AdvDetectError(f"{path}: image holds NaN or infinite values")
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) / (hi - lo if hi > lo else 1.0)
         notes.append("converted floating-point grayscale to 8-bit RGB")
@@ -94,8 +107,11 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
 
     path = Path(path)
     notes: list[str] = []
-    img = _open_checked(path)
-    arr = _to_rgb_array(img, notes)
+    img = _open_checked(path, notes)
+    try:
+        arr = _to_rgb_array(img, path, notes)
+    except (OSError, ValueError, TypeError) as exc:
+        raise AdvDetectError(f"{path}: cannot convert its {img.mode} pixels to RGB ({exc})") from exc
     if size is not None and arr.shape[:2] != tuple(size):
         h0, w0 = arr.shape[:2]
         arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))

@@ -12,6 +12,8 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=TMP_SUFFIX, dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise AdvDetectError(f"cannot write to {path.parent}: {exc.strerror or exc}") from exc
@@ -44,6 +46,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+TMP_SUFFIX = ".tmp"
+
+
+def _owner() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+def remove_stale_temp(directory: str | os.PathLike) -> list[Path]:
+    """Delete temporary files that a killed process of this host left in ``directory``.
+
+    Temporary names carry ``<host>-<pid>``; files of live processes (another rank still
+    writing) and of other hosts are left alone. Returns what was removed.
+    """
+    directory = Path(directory)
+    host = socket.gethostname()
+    removed = []
+    mine = re.compile(rf"\.{re.escape(host)}-(\d+)\.[^.]*{re.escape(TMP_SUFFIX)}$")
+    for tmp in directory.glob(f".*{TMP_SUFFIX}") if directory.is_dir() else []:
+        match = mine.search(tmp.name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _umask() -> int:
@@ -128,6 +167,7 @@ class ShardStore:
         A manifest from an identical job is kept (its finished shards are reused); a
         different job's manifest is an error rather than silently mixed results.
         """
+        remove_stale_temp(self.directory)
         existing = self.manifest()
         if existing and existing.get("job") != header:
             raise AdvDetectError(
@@ -154,6 +194,8 @@ class ShardStore:
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         entry = self.manifest()["shards"][key]
+        if not isinstance(entry, dict) or Path(str(entry.get("file"))).name != entry.get("file"):
+            raise AdvDetectError(f"{self.manifest_path}: bad entry for shard {key}; the manifest is damaged")
         return load_tensors(self.directory / entry["file"], sha256=entry["sha256"])
 
     def finish(self, **fields: Any) -> dict[str, Any]:

@@ -70,6 +70,7 @@ def load_detector(directory: str | os.PathLike, classifier: dict[str, Any] | Non
     meta = read_json(directory / META)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdvDetectError(f"{directory / META}: not an advdetect detector description")
+    _check_meta(directory / META, meta)
     if classifier is not None and meta["classifier"] != classifier:
         raise AdvDetectError(
             f"detector {directory} was built for classifier {meta['classifier']['name']} "
@@ -90,3 +91,22 @@ def load_detector(directory: str | os.PathLike, classifier: dict[str, Any] | Non
     detector.n_calibration_ = int(meta["n_calibration"])
     detector.classes_ = np.array([0, 1])
     return detector, meta
+
+
+REQUIRED = {"classifier": dict, "params": dict, "threshold": (int, float), "calibration_fpr": (int, float),
+            "n_calibration": int, "mask_config": dict, "weights": str, "sha256": str}
+
+
+def _check_meta(path: Path, meta: dict[str, Any]) -> None:
+    """Every field load_detector reads is present with the right type; the weights sit beside it."""
+    for key, kind in REQUIRED.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise AdvDetectError(f"{path}: field {key!r} is missing or malformed; the file is damaged, retrain "
+                                 "the detector")
+    if Path(meta["weights"]).name != meta["weights"]:
+        raise AdvDetectError(f"{path}: weights must be a file beside it, got {meta['weights']!r}")
+    try:
+        MaskConfig.from_dict(meta["mask_config"])
+        MaskDetector(**meta["params"])._check_params()
+    except (TypeError, ValueError) as exc:
+        raise AdvDetectError(f"{path}: bad mask_config or params ({exc})") from exc

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,10 @@ def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
     if not path.is_file():
         raise AdvDetectError(f"model file {path}: no such file")
     meta = _sidecar_metadata(path)
+    expected = meta.get("sha256")
+    if expected is not None and sha256_file(path) != expected:
+        raise AdvDetectError(f"{path}: checksum mismatch with the sha256 in its JSON sidecar (file corrupted or "
+                             "modified); restore the file or update the sidecar")
     mean = mean if mean is not None else meta.get("mean")
     std = std if std is not None else meta.get("std")
     input_size = input_size if input_size is not None else meta.get("input_size")
@@ -220,7 +225,9 @@ def _read_program(path: Path) -> nn.Module:
             raise AdvDetectError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
         return ExportedNet(program.module())
     try:
-        return torch.jit.load(str(path), map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what many users have
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:  # noqa: BLE001
         raise AdvDetectError(
             f"{path}: not a TorchScript file ({type(exc).__name__}). advdetect does not unpickle arbitrary .pt files; "
