@@ -39,12 +39,12 @@ def _open_checked(path: Path, notes: list[str]):
     from PIL import Image, UnidentifiedImageError
 
     if not path.exists():
-        raise AdvDetectError(f"{path}: no such file")
+        raise AdvDetectError(f"{path}: no such file; check the path")
     if path.is_dir():
         raise AdvDetectError(f"{path}: is a directory, expected an image file")
     size = path.stat().st_size
     if size == 0:
-        raise AdvDetectError(f"{path}: file is empty (0 bytes)")
+        raise AdvDetectError(f"{path}: file is empty (0 bytes); the copy or download did not finish")
     if size > MAX_FILE_BYTES:
         raise AdvDetectError(f"{path}: file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB limit "
                              "for one image")
@@ -66,9 +66,9 @@ def _open_checked(path: Path, notes: list[str]):
         raise AdvDetectError(f"{path}: image is over the {MAX_PIXELS:,}-pixel limit (a possible decompression "
                              f"bomb: {exc}); downscale it first") from exc
     except UnidentifiedImageError as exc:
-        raise AdvDetectError(f"{path}: not a readable image ({exc})") from exc
+        raise AdvDetectError(f"{path}: not a readable image ({exc}); give a PNG, JPEG, BMP, GIF, TIFF or WebP file") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:  # truncated / corrupt data
-        raise AdvDetectError(f"{path}: corrupt or truncated image ({exc})") from exc
+        raise AdvDetectError(f"{path}: corrupt or truncated image ({exc}); export or download it again") from exc
     return img
 
 

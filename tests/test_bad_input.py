@@ -302,3 +302,16 @@ def test_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch):
     again = invoke(args + ["--json"])  # space is back: the rerun finishes from the kept shard
     assert again.exit_code == 0, again.output
     assert json.loads(again.stdout.strip().splitlines()[-1])["n"] == 24
+
+
+def test_internal_error_is_exit_1_with_one_line(tmp_path, detector, monkeypatch):
+    import advdetect.inference
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(advdetect.inference, "detect_images", broken)
+    result = invoke(["detect", str(png(tmp_path / "a.png")), "--detector", str(detector)])
+    assert result.exit_code == 1
+    assert result.stderr.strip() == ("advdetect: internal error: RuntimeError: simulated bug "
+                                     "(rerun with --debug for a traceback)")
