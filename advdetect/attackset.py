@@ -17,6 +17,7 @@ import torch
 
 from .attacks import AttackConfig, attack_batch
 from .data import ImageSet
+from .distributed import context
 from .errors import AdvDetectError
 from .models.wrapper import ModelWrapper
 from .storage import ShardStore
@@ -85,7 +86,9 @@ def generate_attack_set(
               "n": len(data), "seed": seed, "batch_size": batch_size}
     store.start(header)
     n_shards = (len(data) + batch_size - 1) // batch_size
-    for i in tqdm(range(n_shards), desc=f"attack {config.name}", unit="batch", disable=not progress):
+    ctx = context()  # under torchrun each rank attacks its own shards
+    for i in tqdm(list(ctx.my_shards(n_shards)), desc=f"attack {config.name}", unit="batch",
+                  disable=not (progress and ctx.is_main)):
         key = f"{i:05d}"
         if store.has(key):
             continue
@@ -96,6 +99,7 @@ def generate_attack_set(
         adv = attack_batch(model, x, y, config, seed=seed * 1_000_003 + i)
         adv_pred = model.predict(adv)
         store.put(key, {"clean": x, "adv": adv, "labels": y, "clean_pred": clean_pred, "adv_pred": adv_pred})
+    store.sync()
     tensors = store.load_all(["labels", "clean_pred", "adv_pred"])
     metrics = summarize(tensors["labels"], tensors["clean_pred"], tensors["adv_pred"])
     store.finish(metrics=metrics, classes=list(model.info.classes))

@@ -48,6 +48,11 @@ class AdvDetectGroup(click.Group):
             ctx.exit(exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except ValueError as exc:  # library functions raise ValueError for bad options
+            if debug:
+                raise
+            click.echo(f"advdetect: error: {exc}", err=True)
+            ctx.exit(2)
         except OSError as exc:  # disk full, permission denied, read-only file system: the user's to fix
             if debug:
                 raise
@@ -109,6 +114,10 @@ def model_arg(spec: str | None, kwargs: dict[str, Any]) -> Any:
 
 
 def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]], str]) -> None:
+    from .distributed import context
+
+    if not context().is_main:  # under torchrun, rank 0 speaks for the job
+        return
     if as_json:
         click.echo(json.dumps(result))
     else:
@@ -273,18 +282,23 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @click.option("--transfer", default=None, help="Attacks to evaluate the detector on as well, e.g. fgsm,pgd.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
+@click.option("--attack-batch", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images per attack batch (one shard of an attack set).")
+@click.option("--shard-size", default=512, show_default=True, type=click.IntRange(min=1),
+              help="Images per mask shard (the unit of resuming and of splitting work under torchrun).")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
-          data_dir: str | None, device: str, seed: int, as_json: bool, **options: Any) -> None:
+          data_dir: str | None, attack_batch: int, shard_size: int, device: str, seed: int, as_json: bool,
+          **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .training import run_train
 
     report = run_train(model=model_arg(model, dict(options, device=device)), attack=attack, eps=eps, n=n,
                        n_eval=n_eval, out=out, transfer=transfer,
                        mask_config=mask_config(seed, **pop_mask_options(options)), data_dir=data_dir, seed=seed,
-                       device=device, progress=True)
+                       device=device, progress=True, batch_size=attack_batch, shard_size=shard_size)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -342,6 +356,58 @@ def recover(image: str, detector_dir: str, model: str | None, out: str | None, d
          f"recovered: {r['recovered']}; top-5: "
          + ", ".join(f"{t['class']} {pct(t['probability'])}" for t in r["recovered_top5"]),
          *([f"figure: {r['figure']}"] if r["figure"] else [])]))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--attacks", default=",".join(("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")), show_default=True,
+              help="Attacks to evaluate (cw and deepfool are unbounded: one set each).")
+@click.option("--eps", "eps_list", default="4/255,8/255", show_default=True,
+              help="eps sweep of the L-inf attacks; the largest is the main one.")
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=8), help="CIFAR-10 test images.")
+@click.option("--n-baseline", default=500, show_default=True, type=click.IntRange(min=4),
+              help="Images for the baseline heatmap methods.")
+@click.option("--baselines", default="saliency,guided_backprop,grad_cam,occlusion,integrated_gradients,raw_image",
+              show_default=True, help="Baseline methods (captum heatmaps and the raw image); '' for none.")
+@click.option("--adaptive/--no-adaptive", default=True, show_default=True, help="Run the adaptive attack.")
+@click.option("--adaptive-n", default=100, show_default=True, type=click.IntRange(min=1),
+              help="Correctly classified evaluation-half images the adaptive attacker perturbs.")
+@click.option("--adaptive-eps", default="2/255,4/255,8/255,16/255,32/255,64/255", show_default=True)
+@click.option("--adaptive-steps", default=40, show_default=True, type=click.IntRange(min=1),
+              help="PGD steps (the sanity check reruns the main eps with 4x as many).")
+@click.option("--adaptive-restarts", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Random restarts per image.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
+@common_options
+def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n_baseline: int, baselines: str,
+             adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int, adaptive_restarts: int,
+             data_dir: str | None, device: str, seed: int, as_json: bool) -> None:
+    """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
+    from .evaluation.harness import EvaluateConfig, parse_eps_list, run_evaluation
+
+    config = EvaluateConfig(
+        attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=parse_eps_list(eps_list), n=n,
+        n_baseline=min(n_baseline, n), baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
+        adaptive=adaptive, adaptive_n=min(adaptive_n, n // 2), adaptive_eps=parse_eps_list(adaptive_eps),
+        adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, seed=seed)
+    report = run_evaluation(detector_dir, out, config, data_dir=data_dir, device=device, progress=True)
+    emit(report, as_json, render_evaluation)
+
+
+def render_evaluation(r: dict[str, Any]) -> str:
+    lines = [f"report -> {r['out']}/report.html (and report.json, report.md) in {r['timings']['total']:.0f}s",
+             f"clean accuracy {pct(r['clean']['accuracy'])}, detector FPR {pct(r['clean']['detector_fpr'])}"]
+    for key, a in r["attacks"].items():
+        lines.append(f"{key}: success {pct(a['attack_success'] or 0)}, detected {pct(a['detection_rate'] or 0)}, "
+                     f"ROC-AUC {a['roc_auc'] or float('nan'):.3f}, TPR {pct(a['tpr_at_5fpr'] or 0)} at 5% FPR, "
+                     f"recovery {pct(a['recovery_top1'] or 0)} / {pct(a['recovery_top5'] or 0)}")
+    if r["baselines"]["winner"]:
+        lines.append("best heatmap per attack: " + ", ".join(f"{k} {w}" for k, w in r["baselines"]["winner"].items()))
+    if r.get("adaptive"):
+        lines.append("adaptive attack success: " + ", ".join(
+            f"{x['eps'] * 255:g}/255 {pct(x['success'] or 0)}" for x in r["adaptive"]["sweep"]))
+    return "\n".join(lines)
 
 
 def torch_seed(seed: int) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .distributed import context
 from .errors import AdvDetectError, DataNotFoundError, UnknownNameError
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,7 @@ def load_image_folder(
     files, labels, classes = list_image_folder(folder)
     idx = subset_indices(len(files), n, seed).tolist()
     decoded = []
-    for i in tqdm(idx, desc=f"loading {Path(folder).name}", unit="img", disable=not progress, leave=False):
+    for i in tqdm(idx, desc=f"loading {Path(folder).name}", unit="img", disable=not (progress and context().is_main), leave=False):
         decoded.append(_decode(files[i], size))
     shapes = {tuple(t.shape) for t in decoded}
     if len(shapes) > 1:

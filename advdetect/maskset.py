@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from .attackset import load_attack_set
+from .distributed import context
 from .errors import AdvDetectError
 from .masks import MaskConfig, MeaningfulPerturbation
 from .models.wrapper import ModelWrapper
@@ -85,8 +86,11 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
     donor = _clean_donor(reuse_clean_from, data.clean, config, shard_size)
     n = int(data.labels.shape[0])
     n_shards = (n + shard_size - 1) // shard_size
-    bar = tqdm(total=2 * n, desc="masks", unit="mask", disable=not progress)
-    for i in range(n_shards):
+    ctx = context()  # under torchrun each rank computes its own shards
+    mine = list(ctx.my_shards(n_shards))
+    bar = tqdm(total=2 * sum(len(range(n)[i * shard_size:(i + 1) * shard_size]) for i in mine), desc="masks",
+               unit="mask", disable=not (progress and ctx.is_main))
+    for i in mine:
         key = f"{i:05d}"
         sl = slice(i * shard_size, (i + 1) * shard_size)
         count = len(range(n)[sl])
@@ -105,6 +109,7 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
             bar.update(count)
         store.put(key, tensors)
     bar.close()
+    store.sync()
     t = store.load_all()
     summary = {kind: {"mean_iterations": t[f"{kind}_iterations"].float().mean().item(),
                       "mean_mask": t[f"{kind}_mask"].mean().item(),

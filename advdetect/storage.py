@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .distributed import context
 from .errors import AdvDetectError
 
 MANIFEST = "manifest.json"
@@ -165,32 +166,70 @@ class ShardStore:
         """Open the store for a job described by ``header``.
 
         A manifest from an identical job is kept (its finished shards are reused); a
-        different job's manifest is an error rather than silently mixed results.
+        different job's manifest is an error rather than silently mixed results. Under
+        torchrun, rank 0 prepares the directory while the others wait.
         """
-        remove_stale_temp(self.directory)
+        ctx = context()
+        if ctx.is_main:
+            remove_stale_temp(self.directory)
+            existing = self.manifest()
+            if not existing:
+                existing = {"job": header, "shards": {}, "complete": False}
+                write_json(self.manifest_path, existing)
+        ctx.barrier()
         existing = self.manifest()
-        if existing and existing.get("job") != header:
+        if existing.get("job") != header:
             raise AdvDetectError(
                 f"{self.directory} already holds results of a different job; use another --out or delete it"
             )
-        if not existing:
-            existing = {"job": header, "shards": {}, "complete": False}
-            write_json(self.manifest_path, existing)
         return existing
+
+    def _rank_manifest(self, rank: int) -> Path:
+        return self.directory / f"manifest.rank{rank}.json"
+
+    def _rank_entries(self) -> dict[str, Any]:
+        """Shards recorded by ranks of a distributed run and not merged yet."""
+        entries: dict[str, Any] = {}
+        for path in sorted(self.directory.glob("manifest.rank*.json")):
+            entries.update(read_json(path).get("shards", {}))
+        return entries
 
     def shard_name(self, key: str) -> str:
         return f"{self.prefix}-{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        entry = self.manifest().get("shards", {}).get(key)
+        entry = self.manifest().get("shards", {}).get(key) or self._rank_entries().get(key)
         return bool(entry) and (self.directory / entry["file"]).is_file()
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write shard ``key`` and record it: in the manifest, or under torchrun in this rank's own file."""
         name = self.shard_name(key)
         digest = save_tensors(self.directory / name, tensors)
-        manifest = self.manifest()
-        manifest.setdefault("shards", {})[key] = {"file": name, "sha256": digest, "n": int(next(iter(tensors.values())).shape[0])}
-        write_json(self.manifest_path, manifest)
+        entry = {"file": name, "sha256": digest, "n": int(next(iter(tensors.values())).shape[0])}
+        ctx = context()
+        path = self._rank_manifest(ctx.rank) if ctx.enabled else self.manifest_path
+        record = read_json(path) if path.exists() else {"shards": {}}
+        record.setdefault("shards", {})[key] = entry
+        write_json(path, record)
+
+    def sync(self) -> None:
+        """After every rank's shards: rank 0 merges the ranks' records into the manifest.
+
+        Also merges records left by an interrupted distributed run, so a later run of any
+        size continues from them.
+        """
+        ctx = context()
+        ctx.barrier()
+        if ctx.is_main:
+            pending = sorted(self.directory.glob("manifest.rank*.json"))
+            if pending:
+                manifest = self.manifest()
+                manifest.setdefault("shards", {}).update(self._rank_entries())
+                manifest["shards"] = dict(sorted(manifest["shards"].items()))
+                write_json(self.manifest_path, manifest)
+                for path in pending:
+                    path.unlink()
+        ctx.barrier()
 
     def get(self, key: str) -> dict[str, torch.Tensor]:
         entry = self.manifest()["shards"][key]
@@ -199,10 +238,13 @@ class ShardStore:
         return load_tensors(self.directory / entry["file"], sha256=entry["sha256"])
 
     def finish(self, **fields: Any) -> dict[str, Any]:
+        ctx = context()
         manifest = self.manifest()
         manifest.update(fields)
         manifest["complete"] = True
-        write_json(self.manifest_path, manifest)
+        if ctx.is_main:
+            write_json(self.manifest_path, manifest)
+        ctx.barrier()
         return manifest
 
     def load_all(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ import torch
 from .attacks import AttackConfig, parse_eps
 from .attackset import generate_attack_set, load_attack_set
 from .data import load_dataset
+from .distributed import context
 from .detector import MaskDetector, detection_metrics, save_detector
 from .masks import MaskConfig
 from .maskset import compute_mask_set, load_mask_set
@@ -64,7 +65,7 @@ def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
 
 def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int, seed: int, work: Path,
                   mask_config: MaskConfig, data_dir: str | os.PathLike | None, batch_size: int,
-                  progress: bool, reuse_clean_from: Path | None = None) -> Path:
+                  progress: bool, reuse_clean_from: Path | None = None, shard_size: int = 512) -> Path:
     """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory.
 
     ``reuse_clean_from``: an earlier split over the same images, whose clean masks are reused.
@@ -73,7 +74,8 @@ def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int,
     data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress)
     generate_attack_set(model, data, attack, directory, batch_size=batch_size, seed=seed, progress=progress,
                         data_description={"dataset": "cifar10", "split": split, "n": n, "seed": seed})
-    compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from)
+    compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from,
+                     shard_size=shard_size)
     return directory
 
 
@@ -110,7 +112,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    mask_config: MaskConfig | None = None, detector: MaskDetector | None = None,
                    transfer: list[AttackConfig] | None = None, calibration_fraction: float = 0.2,
                    data_dir: str | os.PathLike | None = None, batch_size: int = 256, seed: int = 0,
-                   progress: bool = True) -> TrainReport:
+                   progress: bool = True, shard_size: int = 512) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report."""
     if not 0 < calibration_fraction < 1:
         raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
@@ -123,7 +125,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     train_dirs: list[Path] = []
     for a in attacks:
         train_dirs.append(prepare_split(model, a, "train", n, seed, work, mask_config, data_dir, batch_size, progress,
-                                        reuse_clean_from=train_dirs[0] if train_dirs else None))
+                                        reuse_clean_from=train_dirs[0] if train_dirs else None,
+                                        shard_size=shard_size))
     # images are split by index: the first part fits the detector, the rest calibrates it
     n_fit = int(round(n * (1 - calibration_fraction)))
     fit_clean, fit_adv, cal_clean = [], [], []
@@ -144,7 +147,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     metrics, first_test = {}, None
     for a in eval_attacks:
         directory = prepare_split(model, a, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
-                                  progress, reuse_clean_from=first_test)
+                                  progress, reuse_clean_from=first_test, shard_size=shard_size)
         first_test = first_test or directory
         metrics[a.name] = evaluate_split(model, detector, directory, mask_config)
         metrics[a.name]["trained_on"] = a in attacks
@@ -152,10 +155,13 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                          n_train=n, n_eval=n_eval, threshold=detector.threshold_,
                          calibration_fpr=detector.calibration_fpr_, metrics=metrics,
                          seconds=round(time.time() - start, 1))
-    save_detector(out, detector, model.info.identity(), mask_config,
-                  extra={"attacks": report.attacks, "metrics": metrics, "history": detector.history_,
-                         "n_train": n, "n_eval": n_eval, "seed": seed})
-    write_json(out / "report.json", report.to_dict())
+    ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it
+    if ctx.is_main:
+        save_detector(out, detector, model.info.identity(), mask_config,
+                      extra={"attacks": report.attacks, "metrics": metrics, "history": detector.history_,
+                             "n_train": n, "n_eval": n_eval, "seed": seed})
+        write_json(out / "report.json", report.to_dict())
+    ctx.barrier()
     return report
 
 
@@ -169,7 +175,8 @@ def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
 def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,
               n_eval: int = 2000, out: str | os.PathLike = "detector", transfer: str | None = None,
               mask_config: MaskConfig | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
-              device: str = "auto", progress: bool = True) -> TrainReport:
+              device: str = "auto", progress: bool = True, batch_size: int = 256,
+              shard_size: int = 512) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`."""
     from .models import resolve_model
 
@@ -178,4 +185,5 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
     wrapper = resolve_model(model, device)
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
                           transfer=transfer_attacks, data_dir=data_dir, seed=seed, progress=progress,
-                          detector=MaskDetector(seed=seed, device=str(wrapper.device)))
+                          detector=MaskDetector(seed=seed, device=str(wrapper.device)), batch_size=batch_size,
+                          shard_size=shard_size)

@@ -38,3 +38,24 @@ def tiny_model() -> ModelWrapper:
 @pytest.fixture
 def tiny_images() -> torch.Tensor:
     return torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="session")
+def quick_detector(tmp_path_factory) -> Path:
+    """A real detector for the built-in classifier, fitted in a second on random masks (10 mask iterations).
+
+    For tests of plumbing, not of detection quality.
+    """
+    from advdetect.detector import MaskDetector, save_detector
+    from advdetect.masks import MaskConfig
+    from advdetect.models import load_model
+
+    if not BUILTIN_WEIGHTS.is_file():
+        pytest.skip("built-in weights not trained yet")
+    out = tmp_path_factory.mktemp("quick-detector")
+    gen = torch.Generator().manual_seed(0)
+    X = torch.rand(64, 1, 32, 32, generator=gen)
+    y = torch.arange(64) % 2
+    det = MaskDetector(epochs=1, batch_size=32).fit(X, y)
+    save_detector(out, det, load_model("cifar10-cnn").info.identity(), MaskConfig(iterations=10))
+    return out

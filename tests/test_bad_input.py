@@ -22,9 +22,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from advdetect.cli import main
-from advdetect.detector import MaskDetector, save_detector
-from advdetect.masks import MaskConfig
-from advdetect.models import load_model
 
 from .conftest import BUILTIN_WEIGHTS, SHARED_DATA, make_tiny_model, needs_builtin, needs_shared
 
@@ -32,15 +29,8 @@ pytestmark = needs_builtin
 
 
 @pytest.fixture(scope="module")
-def detector(tmp_path_factory) -> Path:
-    """A real (quickly fitted) detector for the built-in classifier; its quality is irrelevant here."""
-    out = tmp_path_factory.mktemp("detector")
-    gen = torch.Generator().manual_seed(0)
-    X = torch.rand(64, 1, 32, 32, generator=gen)
-    y = torch.arange(64) % 2
-    det = MaskDetector(epochs=1, batch_size=32).fit(X, y)
-    save_detector(out, det, load_model("cifar10-cnn").info.identity(), MaskConfig(iterations=10))
-    return out
+def detector(quick_detector) -> Path:
+    return quick_detector
 
 
 def png(path: Path, mode: str = "RGB", size: tuple[int, int] = (32, 32), dtype=np.uint8) -> Path:

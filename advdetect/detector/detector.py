@@ -15,8 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from ..distributed import Context, context
 from .metrics import threshold_for_fpr
 from .network import MaskAlexNet
 
@@ -24,7 +27,11 @@ log = logging.getLogger(__name__)
 
 
 class MaskDetector:
-    """Clean-vs-adversarial classifier over mask heatmaps (N x 1 x H x W in [0, 1])."""
+    """Clean-vs-adversarial classifier over mask heatmaps (N x 1 x H x W in [0, 1]).
+
+    Any N x C x H x W maps work (the evaluation's baselines use saliency maps and raw images);
+    the channel count is fixed by ``fit``.
+    """
 
     def __init__(self, epochs: int = 40, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 128,
                  val_fraction: float = 0.2, patience: int = 6, fpr: float = 0.05, augment: bool = True,
@@ -74,7 +81,11 @@ class MaskDetector:
         torch.manual_seed(self.seed)
         train_idx, val_idx = _stratified_split(y, self.val_fraction, gen)
         device = torch.device(self.device)
-        net = MaskAlexNet(dropout=self.dropout).to(device)
+        net = MaskAlexNet(in_channels=X.shape[1], dropout=self.dropout).to(device)
+        ctx = context()
+        # under torchrun: DistributedDataParallel, every rank a slice of each minibatch
+        model = net if not ctx.enabled else DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
         Xt, yt = X[train_idx].to(device), y[train_idx].to(device)
@@ -83,25 +94,36 @@ class MaskDetector:
         for epoch in range(self.epochs):
             net.train()
             perm = torch.randperm(len(yt), generator=gen).to(device)
-            total = 0.0
+            total = torch.zeros((), device=device)
             for start in range(0, len(perm), self.batch_size):
                 idx = perm[start:start + self.batch_size]
-                xb = _augment(Xt[idx], gen) if self.augment else Xt[idx]
-                loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx])
+                xb = _augment(Xt[idx], gen) if self.augment else Xt[idx]  # every rank draws the same
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if ctx.enabled:
+                    mine = slice(ctx.rank, None, ctx.world_size)
+                    # summed over this rank's slice / the whole batch, times the ranks DDP averages over:
+                    # the gradient is the single-process mean over the batch
+                    loss = F.binary_cross_entropy_with_logits(model(xb[mine]), yt[idx][mine], reduction="sum")
+                    (loss * ctx.world_size / len(idx)).backward()
+                    total += loss.detach()
+                else:
+                    loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx])
+                    loss.backward()
+                    total += loss.detach() * len(idx)
                 opt.step()
-                total += loss.item() * len(idx)
             sched.step()
+            if ctx.enabled:
+                dist.all_reduce(total)
+            train_loss = float(total) / len(yt)
             val_loss = self._loss(net, Xv, yv)
-            history.append({"epoch": epoch + 1, "train_loss": total / len(yt), "val_loss": val_loss})
-            log.info("detector epoch %d train %.4f val %.4f", epoch + 1, total / len(yt), val_loss)
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
+            log.info("detector epoch %d train %.4f val %.4f", epoch + 1, train_loss, val_loss)
             if val_loss < best - 1e-4:
                 best, best_state, bad = val_loss, copy.deepcopy(net.state_dict()), 0
             else:
                 bad += 1
-                if bad >= self.patience:
-                    break
+            if _agreed(bad >= self.patience, ctx):
+                break
         net.load_state_dict(best_state)
         net.eval()
         self.network_ = net
@@ -127,6 +149,9 @@ class MaskDetector:
         """Adversarial score (a logit: higher is more adversarial) per mask."""
         net = self._fitted()
         X = _as_masks(X)
+        channels = net.features[0].in_channels
+        if X.shape[1] != channels:
+            raise ValueError(f"this detector takes {channels}-channel maps, got shape {tuple(X.shape)}")
         device = next(net.parameters()).device
         out = []
         with torch.no_grad():
@@ -159,12 +184,21 @@ class MaskDetector:
             return float(F.binary_cross_entropy_with_logits(net(X), y).item())
 
 
+def _agreed(flag: bool, ctx: Context) -> bool:
+    """Rank 0's decision, so that every rank leaves the training loop together."""
+    if not ctx.enabled:
+        return flag
+    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.broadcast(t, 0)
+    return bool(t.item())
+
+
 def _as_masks(X: torch.Tensor | np.ndarray) -> torch.Tensor:
     X = torch.as_tensor(X, dtype=torch.float32)
     if X.dim() == 3:
         X = X.unsqueeze(1)
-    if X.dim() != 4 or X.shape[1] != 1:
-        raise ValueError(f"masks must be N x 1 x H x W, got shape {tuple(X.shape)}")
+    if X.dim() != 4:
+        raise ValueError(f"masks must be N x 1 x H x W (or N x C x H x W maps), got shape {tuple(X.shape)}")
     return X
 
 

@@ -80,7 +80,9 @@ def load_detector(directory: str | os.PathLike, classifier: dict[str, Any] | Non
     state = load_tensors(directory / meta["weights"], sha256=meta["sha256"])
     params = dict(meta["params"], device=device)
     detector = MaskDetector(**params)
-    net = MaskAlexNet(dropout=detector.dropout)
+    first = state.get("features.0.weight")
+    net = MaskAlexNet(in_channels=int(first.shape[1]) if first is not None and first.dim() == 4 else 1,
+                      dropout=detector.dropout)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -67,7 +67,11 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="val_fraction"):
         MaskDetector(val_fraction=1.5).fit(X, y)
     with pytest.raises(ValueError, match="N x 1 x H x W"):
-        MaskDetector(epochs=1).fit(torch.rand(20, 3, 32, 32), y)
+        MaskDetector(epochs=1).fit(torch.rand(20, 32), y)
+    det = MaskDetector(epochs=1).fit(torch.rand(20, 3, 32, 32), y)  # C-channel maps (the raw-image baseline)
+    assert det.decision_function(torch.rand(4, 3, 32, 32)).shape == (4,)
+    with pytest.raises(ValueError, match="takes 3-channel maps"):
+        det.decision_function(X)
     with pytest.raises(RuntimeError, match="not fitted"):
         MaskDetector().decision_function(X)
 

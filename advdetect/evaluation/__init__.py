@@ -1,0 +1,1 @@
+"""``advdetect evaluate``: the security evaluation harness and its reports."""

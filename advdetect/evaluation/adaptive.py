@@ -1,0 +1,181 @@
+"""An adaptive attacker who knows the detector (Carlini & Wagner 2017; Tramer et al. 2020).
+
+The mask is the result of an optimisation, which PGD can't differentiate cheaply. As in
+BPDA, the attacker trains a *surrogate*: a small network that predicts an image's mask from
+the image, fitted to masks the real pipeline computed. PGD then lowers the classifier's margin
+for the true class and, through the surrogate, the detector's adversarial score, jointly:
+
+    loss = max(z_y - max_{j != y} z_j, -kappa) + lam * max(D(S(x)) - (threshold - kappa_d), 0)
+
+with random restarts; for each image the restart whose result looks best to the attacker
+(misclassified and under the threshold according to the surrogate, else the lowest loss) is
+kept. Success is then judged on the *real* pipeline: the classifier is wrong and the real mask
+of the adversarial image (the full optimisation) scores under the calibrated threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..detector import MaskDetector
+from ..masks import MaskConfig, MeaningfulPerturbation
+from ..models.wrapper import ModelWrapper, frozen
+
+log = logging.getLogger(__name__)
+
+
+class MaskSurrogate(nn.Module):
+    """Image (N x 3 x H x W in [0, 1]) -> mask (N x 1 x H x W in [0, 1]); a small encoder-decoder."""
+
+    def __init__(self, width: int = 24) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=2, dilation=2), nn.GELU(),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=4, dilation=4), nn.GELU(),
+            nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+            nn.Conv2d(2 * width, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(width, 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.net(x))
+
+
+def train_surrogate(images: torch.Tensor, masks: torch.Tensor, epochs: int = 15, batch_size: int = 128,
+                    lr: float = 2e-3, seed: int = 0, device: torch.device | str = "cpu",
+                    progress: bool = False) -> tuple[MaskSurrogate, dict[str, float]]:
+    """Fit a surrogate to (image, mask) pairs; returns it (eval mode) and its fit on a 10% hold-out."""
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    perm = torch.randperm(len(images), generator=gen)
+    n_val = max(1, len(images) // 10)
+    val, fit = perm[:n_val], perm[n_val:]
+    net = MaskSurrogate().to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * ((len(fit) + batch_size - 1)
+                                                                                      // batch_size))
+    for _ in tqdm(range(epochs), desc="surrogate", unit="epoch", disable=not progress, leave=False):
+        net.train()
+        order = fit[torch.randperm(len(fit), generator=gen)]
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            x, m = images[idx].to(device), masks[idx].to(device)
+            loss = F.l1_loss(net(x), m)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(images[val[i:i + 512]].to(device)).cpu() for i in range(0, len(val), 512)])
+    target = masks[val]
+    fit_stats = {"val_l1": float((pred - target).abs().mean()),
+                 "val_mean_mask_corr": float(torch.corrcoef(torch.stack([pred.mean((1, 2, 3)),
+                                                                         target.mean((1, 2, 3))]))[0, 1]),
+                 "n_pairs": int(len(images))}
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net, fit_stats
+
+
+@dataclass
+class AdaptiveConfig:
+    eps: float = 8 / 255
+    steps: int = 40
+    restarts: int = 1
+    alpha: float | None = None  # default 2.5 * eps / steps
+    lam: float = 1.0
+    kappa: float = 2.0  # classifier margin the attacker aims for
+    kappa_detector: float = 1.0  # how far under the threshold the attacker aims
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must lie in (0, 1], got {self.eps}")
+        if self.steps < 1 or self.restarts < 1:
+            raise ValueError("steps and restarts must be at least 1")
+
+
+def _losses(model: ModelWrapper, surrogate: nn.Module, detector_net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            threshold: float, cfg: AdaptiveConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    logits = model(x)
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    margin = true - other
+    score = detector_net(surrogate(x))
+    loss = margin.clamp_min(-cfg.kappa) + cfg.lam * (score - (threshold - cfg.kappa_detector)).clamp_min(0)
+    return loss, margin, score
+
+
+def adaptive_pgd(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, images: torch.Tensor,
+                 labels: torch.Tensor, cfg: AdaptiveConfig) -> torch.Tensor:
+    """Adversarial images within ``cfg.eps`` (L-inf) of ``images`` that target classifier + detector."""
+    device = model.device
+    detector_net = detector._fitted()
+    alpha = cfg.alpha if cfg.alpha is not None else 2.5 * cfg.eps / cfg.steps
+    x0, y = images.to(device).float(), labels.to(device)
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    best = x0.clone()
+    best_loss = torch.full((len(x0),), float("inf"), device=device)
+    with frozen(model), frozen(detector_net), frozen(surrogate):
+        for _ in range(cfg.restarts):
+            noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * cfg.eps
+            x = (x0 + noise).clamp(0, 1)
+            for _ in range(cfg.steps):
+                x.requires_grad_(True)
+                loss, _, _ = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
+                grad, = torch.autograd.grad(loss.sum(), x)
+                with torch.no_grad():
+                    x = x - alpha * grad.sign()
+                    x = torch.min(torch.max(x, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)
+            with torch.no_grad():
+                loss, margin, score = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
+                # an attacker-side success beats any loss; among the rest keep the lowest loss
+                rank = torch.where((margin < 0) & (score <= detector.threshold_), torch.full_like(loss, -1e9), loss)
+                better = rank < best_loss
+                best[better], best_loss[better] = x[better], rank[better]
+    return best.detach()
+
+
+@dataclass
+class AdaptiveResult:
+    eps: float
+    steps: int
+    restarts: int
+    n: int
+    success: float  # classifier fooled and the real mask passes the detector
+    fooled: float  # classifier fooled (whatever the detector says)
+    detected: float  # of the fooled images, fraction the real detector flags
+    surrogate_success: float  # success as the attacker's surrogate sees it
+
+    def to_dict(self) -> dict[str, float | int]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,
+                      images: torch.Tensor, labels: torch.Tensor, cfg: AdaptiveConfig) -> AdaptiveResult:
+    """Run the adaptive attack on correctly classified ``images`` and judge it on the real pipeline."""
+    adv = adaptive_pgd(model, surrogate, detector, images, labels, cfg)
+    device = model.device
+    with torch.no_grad():
+        pred = model.predict(adv).to(device)
+        sur_scores = torch.as_tensor(detector.decision_function(surrogate(adv).cpu()))
+    real = MeaningfulPerturbation(model, mask_config).attribute(adv)
+    scores = torch.as_tensor(detector.decision_function(real.masks.cpu()))
+    fooled = (pred != labels.to(device)).cpu()
+    passes = scores <= detector.threshold_
+    frac = lambda t: float(t.float().mean()) if t.numel() else float("nan")  # noqa: E731
+    return AdaptiveResult(eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts, n=len(images),
+                          success=frac(fooled & passes), fooled=frac(fooled), detected=frac(~passes[fooled]),
+                          surrogate_success=frac(fooled & (sur_scores <= detector.threshold_)))

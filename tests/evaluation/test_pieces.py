@@ -1,0 +1,73 @@
+"""Baseline heatmaps, the adaptive attacker's surrogate and PGD, on a tiny fixed model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advdetect.detector import MaskDetector
+from advdetect.evaluation.adaptive import AdaptiveConfig, adaptive_pgd, train_surrogate
+from advdetect.evaluation.harness import EvaluateConfig, Spec, eps_tag, sweep
+from advdetect.evaluation.heatmaps import METHODS, heatmaps
+from advdetect.evaluation.report import json_safe
+
+
+def model_state(model):
+    return model.training, [p.requires_grad for p in model.parameters()]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_heatmaps_shape_range_and_model_untouched(tiny_model, tiny_images, method):
+    tiny_model.train()
+    before = model_state(tiny_model)
+    maps = heatmaps(tiny_model, tiny_images[:8], method)
+    assert model_state(tiny_model) == before
+    channels = 3 if method == "raw_image" else 1
+    assert maps.shape == (8, channels, 16, 16) and maps.dtype == torch.float32
+    assert float(maps.min()) >= 0 and float(maps.max()) <= 1
+    if method != "raw_image":
+        assert torch.allclose(maps.flatten(1).amax(1), torch.ones(8))  # each map scaled to its maximum
+        assert float(maps.std()) > 0
+
+
+def test_heatmaps_follow_the_target(tiny_model, tiny_images):
+    a = heatmaps(tiny_model, tiny_images[:4], "saliency", targets=torch.zeros(4, dtype=torch.long))
+    b = heatmaps(tiny_model, tiny_images[:4], "saliency", targets=torch.full((4,), 3))
+    assert not torch.allclose(a, b)
+
+
+def test_surrogate_learns_a_mapping():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(600, 3, 16, 16, generator=gen)
+    masks = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 3, 1, 1)  # a learnable target
+    net, stats = train_surrogate(images, masks, epochs=30, seed=0)
+    constant = float((masks - masks.mean()).abs().mean())
+    assert stats["val_l1"] < 0.5 * constant, (stats, constant)
+    assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_adaptive_pgd_stays_in_budget_and_fools(tiny_model, tiny_images):
+    gen = torch.Generator().manual_seed(0)
+    det = MaskDetector(epochs=1, batch_size=32).fit(torch.rand(40, 1, 16, 16, generator=gen), torch.arange(40) % 2)
+    surrogate, _ = train_surrogate(tiny_images, tiny_images.mean(1, keepdim=True), epochs=1)
+    x = tiny_images[:16]
+    y = tiny_model.predict(x)
+    before = model_state(tiny_model)
+    eps = 8 / 255
+    adv = adaptive_pgd(tiny_model, surrogate, det, x, y, AdaptiveConfig(eps=eps, steps=10, restarts=2))
+    assert model_state(tiny_model) == before
+    assert float((adv - x).abs().max()) <= eps + 1e-6 and float(adv.min()) >= 0 and float(adv.max()) <= 1
+    assert (tiny_model.predict(adv) != y).float().mean() > 0.5
+    with pytest.raises(ValueError, match="eps"):
+        AdaptiveConfig(eps=0)
+
+
+def test_sweep_and_config():
+    cfg = EvaluateConfig(attacks=("fgsm", "cw"), eps=(8 / 255, 4 / 255))
+    assert [s.key for s in sweep(cfg)] == ["fgsm@4/255", "fgsm@8/255", "cw"]
+    assert Spec("pgd", 8 / 255).dirname == "pgd-8-255" and eps_tag(0.03) == "0.03"
+    with pytest.raises(Exception, match="unknown attack"):
+        EvaluateConfig(attacks=("nope",))
+    with pytest.raises(ValueError, match="adaptive_n"):
+        EvaluateConfig(n=20, adaptive_n=50)
+    assert json_safe({"a": float("nan"), "b": (1.0, float("inf"))}) == {"a": None, "b": [1.0, None]}

@@ -1,0 +1,128 @@
+"""``advdetect evaluate`` end to end on a few dozen images: every section, HTML == JSON, a real browser."""
+
+from __future__ import annotations
+
+import ast
+import base64
+import html.parser
+import io
+import json
+import shutil
+import subprocess
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from advdetect.cli import main
+from advdetect.evaluation.report import dec, lookup, pct
+
+from ..conftest import SHARED_DATA, needs_builtin, needs_shared
+
+pytestmark = [needs_shared, needs_builtin]
+
+
+@pytest.fixture(scope="module")
+def report_dir(quick_detector, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    result = CliRunner().invoke(main, [
+        "evaluate", "--detector", str(quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
+        "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "6", "--adaptive-eps", "8/255,32/255",
+        "--adaptive-steps", "3", "--data-dir", str(SHARED_DATA), "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+class Page(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.cells: list[dict[str, str]] = []
+        self._cell: dict[str, str] | None = None
+        self.external: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "img":
+            self.images.append(a["src"])
+        if tag in ("script", "link", "img") and any(str(a.get(k, "")).startswith(("http:", "https:", "//"))
+                                                    for k in ("src", "href")):
+            self.external.append(str(a))
+        if tag == "td" and "data-path" in a:
+            self._cell = {"path": a["data-path"], "value": a["data-value"], "text": ""}
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell["text"] += data
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.cells.append(self._cell)
+            self._cell = None
+
+
+def test_json_has_every_section(report_dir):
+    out, printed = report_dir
+    report = json.loads((out / "report.json").read_text())
+    assert report == printed
+    for key in ("threat_model", "clean", "attacks", "transfer", "baselines", "adaptive", "gallery", "config",
+                "versions", "seeds", "timings"):
+        assert report[key], key
+    assert set(report["attacks"]) == {"fgsm@4/255", "fgsm@8/255", "bim@4/255", "bim@8/255", "cw"}
+    for a in report["attacks"].values():
+        for key in ("attack_success", "detection_rate", "tpr_at_1fpr", "tpr_at_5fpr", "roc_auc", "recovery_top1",
+                    "recovery_top5", "recovery_ground_truth", "recovery_ground_truth_top5"):
+            assert key in a
+        assert a["roc"]["fpr"][0] == 0.0 and a["roc"]["tpr"][-1] == 1.0
+    assert 0 <= report["clean"]["detector_fpr"] <= 1 and 0 < report["clean"]["accuracy"] <= 1
+    tr = report["transfer"]
+    assert set(tr["matrix"]) <= set(tr["trained_on"]) and tr["tested_on"] == ["fgsm@8/255", "bim@8/255", "cw"]
+    bl = report["baselines"]
+    assert bl["methods"][0] == "masks" and len(bl["methods"]) == 7
+    assert set(bl["winner"]) == {"fgsm@8/255", "bim@8/255", "cw"} and all(w in bl["methods"] for w in bl["winner"].values())
+    ad = report["adaptive"]
+    assert [r["eps"] for r in ad["sweep"]] == pytest.approx([8 / 255, 32 / 255])
+    assert ad["steps"] == 3 and ad["restarts"] == 1 and ad["more_iterations"]["steps"] == 12
+    assert set(ad["sanity"]) == {"success_grows_with_eps", "success_at_largest_eps", "more_iterations_gain"}
+    assert "NaN" not in (out / "report.json").read_text()  # strict JSON
+    assert (out / "report.md").read_text().startswith("# Security evaluation")
+
+
+def test_html_images_decode_and_numbers_equal_json(report_dir):
+    out, report = report_dir
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    assert not page.external, page.external  # self-contained
+    assert len(page.images) == 6  # roc, sweep, transfer, baselines, adaptive, gallery
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        img = Image.open(io.BytesIO(base64.b64decode(src.split(",", 1)[1])))
+        img.load()
+        assert img.size[0] > 100 and img.size[1] > 100
+    assert len(page.cells) > 80
+    for cell in page.cells:
+        value = lookup(report, cell["path"])
+        shown = ast.literal_eval(cell["value"])
+        assert shown == value, cell
+        assert cell["text"] in {pct(value), dec(value), str(value)}, cell
+
+
+def _browser() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def test_report_renders_in_a_headless_browser(report_dir, tmp_path):
+    browser = _browser()
+    if browser is None:
+        pytest.skip("no chromium here (.ci/run installs Debian's chromium package; install it to run this test)")
+    out, _ = report_dir
+    proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+                           "--dump-dom", (out / "report.html").resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    body = proc.stdout[proc.stdout.index("<body"):].split(">", 1)[0]
+    assert 'data-images-loaded="6/6"' in body, body
+    assert 'data-script-errors="0"' in body, body

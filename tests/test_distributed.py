@@ -1,0 +1,55 @@
+"""torchrun with 2 gloo processes on CPU gives what one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+from advdetect.attackset import load_attack_set
+from advdetect.maskset import load_mask_set
+
+from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
+
+pytestmark = [needs_shared, needs_builtin]
+ARGS = ["train", "--n", "48", "--n-eval", "24", "--iterations", "10", "--attack-batch", "16", "--shard-size", "8",
+        "--transfer", "fgsm", "--data-dir", str(SHARED_DATA), "--json"]
+
+
+def run(cmd: list[str]) -> dict:
+    # one thread per process, as torchrun sets: with the same threads results are bit-identical
+    # (a different thread count reorders float sums: masks then agree to ~1e-6)
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, proc.stdout  # only rank 0 prints the result
+    return json.loads(lines[0])
+
+
+def test_two_gloo_ranks_equal_one_process(tmp_path):
+    one = run([sys.executable, "-m", "advdetect", *ARGS, "--out", str(tmp_path / "one")])
+    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "advdetect", "--", *ARGS, "--out", str(tmp_path / "two")])
+
+    for split in ("train-bim", "test-bim", "test-fgsm"):
+        a, b = (load_attack_set(tmp_path / run_ / "work" / split) for run_ in ("one", "two"))
+        assert torch.equal(a.adv, b.adv) and torch.equal(a.adv_pred, b.adv_pred), split
+        ma, mb = (load_mask_set(tmp_path / run_ / "work" / split) for run_ in ("one", "two"))
+        for key in ma:  # the same mask for every image
+            assert torch.equal(ma[key], mb[key]), (split, key)
+        # rank 1 really wrote shards of its own: 2 ranks, round robin over 6 mask shards of 8 images
+        assert len(json.loads((tmp_path / "two" / "work" / split / "masks" / "manifest.json").read_text())["shards"]) \
+            == (len(a.labels) + 7) // 8
+    assert not list((tmp_path / "two").rglob("manifest.rank*.json"))  # merged by rank 0
+
+    # the detector is trained with DistributedDataParallel: same data, same gradients up to float
+    # reordering and per-rank dropout, so its metrics agree within noise
+    for attack in ("bim", "fgsm"):
+        m1, m2 = one["metrics"][attack], two["metrics"][attack]
+        assert m1["n_clean"] == m2["n_clean"] and m1["n_adversarial"] == m2["n_adversarial"]
+        assert abs(m1["roc_auc"] - m2["roc_auc"]) <= 0.15, (m1["roc_auc"], m2["roc_auc"])
+    assert (tmp_path / "two" / "detector.json").is_file()
