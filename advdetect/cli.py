@@ -186,8 +186,13 @@ def attack(model: str, attack: str, eps: str, alpha: str | None, steps: int | No
 
 
 MASK_OPTIONS = [
-    click.option("--game", type=click.Choice(["delete", "preserve"]), default=None,
-                 help="Deletion (default) or preservation game."),
+    click.option("--method", type=click.Choice(["meaningful", "extremal", "robust"]), default=None,
+                 help="Mask method: meaningful perturbation (default), extremal perturbation (fixed area), "
+                      "robust perturbation (cross-checking deletion)."),
+    click.option("--game", type=click.Choice(["delete", "preserve", "dual"]), default=None,
+                 help="Deletion (default) or preservation game; extremal also has dual."),
+    click.option("--area", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                 help="Extremal masks: area as a fraction of the image [default: 0.2]."),
     click.option("--perturbation", type=click.Choice(["blur", "constant", "noise"]), default=None,
                  help="What a deleted pixel becomes [default: blur]."),
     click.option("--iterations", type=click.IntRange(min=1), default=None, help="Max iterations per mask."),
@@ -215,7 +220,7 @@ def mask_config(seed: int, **options: Any):
     return MaskConfig(seed=seed, **given)
 
 
-MASK_KEYS = ("game", "perturbation", "iterations", "l1_coeff", "tv_coeff", "blur_sigma", "upsample", "early_stop",
+MASK_KEYS = ("method", "game", "area", "perturbation", "iterations", "l1_coeff", "tv_coeff", "blur_sigma", "upsample", "early_stop",
              "batch_size")
 
 
@@ -370,6 +375,11 @@ def recover(image: str, detector_dir: str, model: str | None, out: str | None, d
               help="Images for the baseline heatmap methods.")
 @click.option("--baselines", default="saliency,guided_backprop,grad_cam,occlusion,integrated_gradients,raw_image",
               show_default=True, help="Baseline methods (captum heatmaps and the raw image); '' for none.")
+@click.option("--methods", default="", show_default=True,
+              help="Mask methods to compare with the detector's own, e.g. extremal,robust (slower: every image "
+                   "gets a mask per method).")
+@click.option("--n-methods", default=200, show_default=True, type=click.IntRange(min=4),
+              help="Images for the mask-method comparison.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True, help="Run the adaptive attack.")
 @click.option("--adaptive-n", default=100, show_default=True, type=click.IntRange(min=1),
               help="Correctly classified evaluation-half images the adaptive attacker perturbs.")
@@ -381,7 +391,7 @@ def recover(image: str, detector_dir: str, model: str | None, out: str | None, d
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
 @common_options
 def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n_baseline: int, baselines: str,
-             adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int, adaptive_restarts: int,
+             methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int, adaptive_restarts: int,
              data_dir: str | None, device: str, seed: int, as_json: bool) -> None:
     """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
     from .evaluation.harness import EvaluateConfig, parse_eps_list, run_evaluation
@@ -390,7 +400,8 @@ def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=parse_eps_list(eps_list), n=n,
         n_baseline=min(n_baseline, n), baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
         adaptive=adaptive, adaptive_n=min(adaptive_n, n // 2), adaptive_eps=parse_eps_list(adaptive_eps),
-        adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, seed=seed)
+        adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, seed=seed,
+        methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_methods=min(n_methods, n))
     report = run_evaluation(detector_dir, out, config, data_dir=data_dir, device=device, progress=True)
     emit(report, as_json, render_evaluation)
 

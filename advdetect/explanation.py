@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .masks import MaskConfig, MeaningfulPerturbation
+from .masks import MaskConfig, make_explainer
 from .models import ModelWrapper, resolve_model
 
 
@@ -61,7 +61,7 @@ def explain(image: torch.Tensor | str | os.PathLike, model: ModelWrapper | str =
     x = x.float().to(model.device)
     model.check_input(x)
     cfg = config or MaskConfig()
-    explainer = MeaningfulPerturbation(model, cfg)
+    explainer = make_explainer(model, cfg)
     result = explainer.attribute(x, target=target)
     with torch.no_grad():
         perturbed = explainer.perturb(x, result.masks)

@@ -11,7 +11,7 @@ import torch
 from .detector import load_detector
 from .errors import AdvDetectError
 from .imageio import load_image
-from .masks import MaskConfig, MeaningfulPerturbation
+from .masks import MaskConfig, make_explainer
 from .models import ModelWrapper, resolve_model
 
 
@@ -24,6 +24,11 @@ def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, de
     wrapper = resolve_model(model or read_json(meta_path).get("classifier", {}).get("name", ""), device)
     detector, meta = load_detector(detector_dir, classifier=wrapper.info.identity(), device=str(wrapper.device))
     return wrapper, detector, meta, MaskConfig.from_dict(meta["mask_config"])
+
+
+def recovery_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:
+    """The deletion masks a detector's recovery uses (recorded in detector.json since preservation detectors)."""
+    return MaskConfig.from_dict(meta["recovery_config"]) if "recovery_config" in meta else config.for_recovery()
 
 
 def _load_batch(paths: Sequence[str | os.PathLike], wrapper: ModelWrapper) -> tuple[torch.Tensor, list[list[str]]]:
@@ -42,7 +47,7 @@ def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.Pat
     wrapper, detector, meta, config = _setup(detector_dir, model, device)
     x, notes = _load_batch(paths, wrapper)
     probs = wrapper.logits(x).softmax(1).cpu()
-    result = MeaningfulPerturbation(wrapper, config).attribute(x)
+    result = make_explainer(wrapper, config).attribute(x)
     scores = detector.decision_function(result.masks.cpu())
     rows = []
     for i, path in enumerate(paths):
@@ -61,15 +66,17 @@ def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, mode
 
     wrapper, detector, meta, config = _setup(detector_dir, model, device)
     x, notes = _load_batch([path], wrapper)
-    explainer = MeaningfulPerturbation(wrapper, config)
-    result = explainer.attribute(x)
+    detection = make_explainer(wrapper, config).attribute(x)
+    rec_config = recovery_config(meta, config)
+    explainer = make_explainer(wrapper, rec_config)
+    result = detection if rec_config == config else explainer.attribute(x)
     with torch.no_grad():
         perturbed = explainer.perturb(x, result.masks)
     probs = wrapper.logits(torch.cat([x, perturbed])).softmax(1).cpu()
     before, after = probs[0], probs[1]
     classes = wrapper.info.classes
     top5 = after.topk(min(5, len(classes))).indices.tolist()
-    score = float(detector.decision_function(result.masks.cpu())[0])
+    score = float(detector.decision_function(detection.masks.cpu())[0])
     if out is not None:
         explanation_figure(x[0].cpu(), result.masks[0].cpu(), perturbed[0].cpu(), before, after, classes,
                            int(result.targets[0]), out, title="recovery: the image's mask applied back")

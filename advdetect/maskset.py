@@ -1,6 +1,6 @@
 """Masks for an attack set: clean and adversarial images, stored beside the set.
 
-``<attack-set>/masks/`` holds safetensors shards (``clean_mask``, ``adv_mask`` and the
+``<attack-set>/masks/`` (``masks-preserve/`` for the preservation game) holds safetensors shards (``clean_mask``, ``adv_mask`` and the
 targets, probabilities and iterations behind them) with a checksummed manifest. The job is
 resumable shard by shard, and masks do not depend on the shard size (see the engine).
 """
@@ -18,7 +18,7 @@ import torch
 from .attackset import load_attack_set
 from .distributed import context
 from .errors import AdvDetectError
-from .masks import MaskConfig, MeaningfulPerturbation
+from .masks import MaskConfig, make_explainer
 from .models.wrapper import ModelWrapper
 from .storage import ShardStore
 
@@ -39,8 +39,10 @@ class MaskSetSummary:
         return asdict(self)
 
 
-def masks_dir(attack_dir: str | os.PathLike) -> Path:
-    return Path(attack_dir) / "masks"
+def masks_dir(attack_dir: str | os.PathLike, kind: str = "delete") -> Path:
+    """Where one kind of mask lives (``MaskConfig.kind``): ``masks/`` for meaningful deletion,
+    else ``masks-<kind>/`` (``masks-preserve``, ``masks-extremal-delete``, ``masks-robust``, ...)."""
+    return Path(attack_dir) / ("masks" if kind == "delete" else f"masks-{kind}")
 
 
 def _clean_donor(attack_dir: str | os.PathLike | None, clean: torch.Tensor, config: MaskConfig,
@@ -48,14 +50,14 @@ def _clean_donor(attack_dir: str | os.PathLike | None, clean: torch.Tensor, conf
     """Clean masks of another attack set over the very same clean images and mask settings."""
     if attack_dir is None:
         return None
-    manifest = ShardStore(masks_dir(attack_dir)).manifest()
+    manifest = ShardStore(masks_dir(attack_dir, config.kind)).manifest()
     job = manifest.get("job", {})
     if (not manifest.get("complete") or job.get("mask_config") != config.to_dict()
             or job.get("shard_size") != shard_size):
         return None
     if not torch.equal(load_attack_set(attack_dir).clean, clean):
         return None
-    masks = load_mask_set(attack_dir)
+    masks = load_mask_set(attack_dir, config.kind)
     return {k: v for k, v in masks.items() if k.startswith("clean_")}
 
 
@@ -79,10 +81,10 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
             "use the same --model"
         )
     device = model.device
-    store = ShardStore(masks_dir(attack_dir))
+    store = ShardStore(masks_dir(attack_dir, config.kind))
     store.start({"format": FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
                  "shard_size": shard_size})
-    explainer = MeaningfulPerturbation(model, config)
+    explainer = make_explainer(model, config)
     donor = _clean_donor(reuse_clean_from, data.clean, config, shard_size)
     n = int(data.labels.shape[0])
     n_shards = (n + shard_size - 1) // shard_size
@@ -122,11 +124,13 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
                           adversarial=summary["adv"], config=config.to_dict())
 
 
-def load_mask_set(attack_dir: str | os.PathLike) -> dict[str, torch.Tensor]:
-    store = ShardStore(masks_dir(attack_dir))
+def load_mask_set(attack_dir: str | os.PathLike, kind: str = "delete") -> dict[str, torch.Tensor]:
+    """The stored masks of one ``kind`` (``MaskConfig.kind``) for an attack set (checksums verified)."""
+    store = ShardStore(masks_dir(attack_dir, kind))
     manifest = store.manifest()
     if manifest.get("job", {}).get("format") != FORMAT or not manifest.get("complete"):
-        raise AdvDetectError(f"{attack_dir}: no complete mask set; run `advdetect masks --in {attack_dir}` first")
+        raise AdvDetectError(f"{attack_dir}: no complete '{kind}' mask set; compute it with `advdetect masks --in "
+                             f"{attack_dir}` and the detector's mask options first")
     return store.load_all()
 
 

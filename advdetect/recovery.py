@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from .masks import MaskConfig, MeaningfulPerturbation
+from .masks import MaskConfig, make_explainer
 from .models.wrapper import ModelWrapper
 
 
@@ -28,7 +28,7 @@ class Recovery:
 
 def recover(model: ModelWrapper, images: torch.Tensor, masks: torch.Tensor, config: MaskConfig | None = None) -> Recovery:
     """Classify ``images`` with their ``masks`` applied (the config's perturbation)."""
-    explainer = MeaningfulPerturbation(model, config or MaskConfig())
+    explainer = make_explainer(model, config or MaskConfig())
     with torch.no_grad():
         perturbed = explainer.perturb(images, masks.to(images.device))
     logits = model.logits(perturbed).cpu()

@@ -76,13 +76,16 @@ def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int,
                         data_description={"dataset": "cifar10", "split": split, "n": n, "seed": seed})
     compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from,
                      shard_size=shard_size)
+    if split == "test" and mask_config.for_recovery() != mask_config:  # recovery needs deletion masks
+        compute_mask_set(model, directory, config=mask_config.for_recovery(), progress=progress,
+                         reuse_clean_from=reuse_clean_from, shard_size=shard_size)
     return directory
 
 
-def labelled_masks(directory: Path, include_clean: bool = True) -> dict[str, torch.Tensor]:
+def labelled_masks(directory: Path, include_clean: bool = True, kind: str = "delete") -> dict[str, torch.Tensor]:
     """Clean masks of correctly classified images and adversarial masks of successful attacks."""
     s = load_attack_set(directory)
-    m = load_mask_set(directory)
+    m = load_mask_set(directory, kind)
     correct = s.clean_pred == s.labels
     success = correct & (s.adv_pred != s.labels)
     out = {"adv": m["adv_mask"][success], "adv_index": success.nonzero().flatten()}
@@ -95,15 +98,17 @@ def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
                    mask_config: MaskConfig) -> dict[str, Any]:
     """Detection and recovery metrics on one held-out attack set."""
     s = load_attack_set(directory)
-    m = load_mask_set(directory)
-    lm = labelled_masks(directory)
+    m = load_mask_set(directory, mask_config.kind)
+    lm = labelled_masks(directory, kind=mask_config.kind)
     clean_scores = detector.decision_function(lm["clean"])
     adv_scores = detector.decision_function(lm["adv"])
     labels = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(adv_scores))])
     detection = detection_metrics(labels, np.concatenate([clean_scores, adv_scores]), detector.threshold_)
     flagged = torch.as_tensor(detector.predict(m["clean_mask"]).astype(bool))
-    recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, m["clean_mask"],
-                                m["adv_mask"], clean_flagged=flagged, config=mask_config)
+    rec_config = mask_config.for_recovery()
+    r = load_mask_set(directory, rec_config.kind)
+    recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, r["clean_mask"],
+                                r["adv_mask"], clean_flagged=flagged, config=rec_config)
     attack = s.manifest["job"]["attack"]
     return {"attack": attack, **s.manifest["metrics"], **detection, **recovery.to_dict()}
 
@@ -131,7 +136,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     n_fit = int(round(n * (1 - calibration_fraction)))
     fit_clean, fit_adv, cal_clean = [], [], []
     for i, directory in enumerate(train_dirs):
-        lm = labelled_masks(directory, include_clean=(i == 0))
+        lm = labelled_masks(directory, include_clean=(i == 0), kind=mask_config.kind)
         fit_adv.append(lm["adv"][lm["adv_index"] < n_fit])
         if i == 0:
             fit_clean.append(lm["clean"][lm["clean_index"] < n_fit])
@@ -158,7 +163,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it
     if ctx.is_main:
         save_detector(out, detector, model.info.identity(), mask_config,
-                      extra={"attacks": report.attacks, "metrics": metrics, "history": detector.history_,
+                      extra={"recovery_config": mask_config.for_recovery().to_dict(),
+                             "attacks": report.attacks, "metrics": metrics, "history": detector.history_,
                              "n_train": n, "n_eval": n_eval, "seed": seed})
         write_json(out / "report.json", report.to_dict())
     ctx.barrier()

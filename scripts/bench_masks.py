@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advdetect.data import load_cifar10  # noqa: E402
-from advdetect.masks import MaskConfig, MeaningfulPerturbation  # noqa: E402
+from advdetect.masks import MaskConfig, MeaningfulPerturbation, make_explainer  # noqa: E402
 from advdetect.masks.loss import objective  # noqa: E402
 from advdetect.masks.parameterization import low_res_shape  # noqa: E402
 from advdetect.masks.perturbation import blend, reference  # noqa: E402
@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--n-per-image", type=int, default=None, help="images for the per-image baseline")
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes to try")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--n-methods", type=int, default=None, help="images for the per-method rates (default 64)")
     args = p.parse_args()
 
     n = args.n or (64 if args.quick else 256)
@@ -131,6 +132,12 @@ def main() -> None:
     fwd_bwd = forward_backward_time(model, chunk, repeats=10 if args.quick else 30)
 
     early_result, t_early = timed(MeaningfulPerturbation(model, default.replace(batch_size=best)).attribute, images)
+    # (c) masks per second of each method at its default settings (same images)
+    methods = {}
+    for cfg in (default, MaskConfig(method="extremal"), MaskConfig(method="robust")):
+        n_m = min(n, args.n_methods or (16 if args.quick else 64))
+        _, t_m = timed(make_explainer(model, cfg).attribute, images[:n_m])
+        methods[cfg.kind] = {"masks_per_second": round(n_m / t_m, 2), "n_images": n_m, "iterations": cfg.iterations}
     report = {
         "device": str(device),
         "threads": torch.get_num_threads(),
@@ -152,6 +159,7 @@ def main() -> None:
         "default_masks_per_second": round(n / t_early, 2),
         "speedup_default_vs_per_image": round(n / t_early / per_image_rate, 2),
         "config": default.to_dict(),
+        "methods_masks_per_second": methods,
     }
     print(json.dumps(report))
 

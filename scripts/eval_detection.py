@@ -1,6 +1,8 @@
 """Reproduce the detector's headline numbers in one command.
 
     python scripts/eval_detection.py --data-dir ../shared/data
+    python scripts/eval_detection.py --data-dir ../shared/data --game preserve --n 1500 --transfer "" \
+        --out runs/detector-bim-preserve
 
 Trains (or, when ``--out`` already holds the finished stages, reuses) a detector on BIM at
 eps 8/255 for the built-in model, evaluates it on held-out CIFAR-10 test images, also under
@@ -19,6 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from advdetect.masks import MaskConfig  # noqa: E402
 from advdetect.training import run_train  # noqa: E402
 
 KEYS = ("accuracy", "roc_auc", "tpr_at_5fpr", "tpr_at_1fpr", "recovery_top1", "recovery_top5",
@@ -38,15 +41,18 @@ def main() -> None:
     p.add_argument("--out", default="runs/detector-bim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    p.add_argument("--game", default="delete", choices=["delete", "preserve"],
+                   help="masks the detector reads (recovery always uses deletion masks)")
     args = p.parse_args()
     report = run_train(model=args.model, attack=args.attack, eps=args.eps, n=args.n, n_eval=args.n_eval,
-                       out=args.out, transfer=args.transfer, data_dir=args.data_dir, seed=args.seed,
-                       device=args.device, progress=sys.stderr.isatty()).to_dict()
+                       out=args.out, transfer=args.transfer or None, data_dir=args.data_dir, seed=args.seed,
+                       device=args.device, progress=sys.stderr.isatty(),
+                       mask_config=MaskConfig(game=args.game, seed=args.seed)).to_dict()
     main_attack = args.attack.split(",")[0]
     result = {k: report["metrics"][main_attack][k] for k in KEYS}
     result["transfer"] = {name: {k: m[k] for k in KEYS} for name, m in report["metrics"].items()
                           if not m["trained_on"]}
-    result.update(attack=main_attack, eps=args.eps, n_train=args.n, n_eval=args.n_eval, threshold=report["threshold"],
+    result.update(game=args.game, attack=main_attack, eps=args.eps, n_train=args.n, n_eval=args.n_eval, threshold=report["threshold"],
                   calibration_fpr=report["calibration_fpr"], seconds=report["seconds"], out=args.out)
     print(json.dumps(result))
 

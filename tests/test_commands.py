@@ -107,3 +107,36 @@ def test_explain_command_and_function(tmp_path):
     assert e.mask.shape == (1, 32, 32) and e.probs_after.shape == (10,)
     bad = run("explain", str(img), "--target", "zebra")
     assert bad.exit_code == 2 and "unknown class 'zebra'" in bad.output
+
+
+def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatch):
+    """Detect on preservation masks; recovery still applies deletion masks (the only kind that remove a class)."""
+    import advdetect.inference as inference
+    from advdetect.masks import MaskConfig, MeaningfulPerturbation
+
+    out = tmp_path / "det"
+    result = run("train", "--n", "40", "--n-eval", "20", "--game", "preserve", "--out", str(out), "--data-dir",
+                 str(SHARED_DATA), "--json", *FAST_MASKS)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "detector.json").read_text())
+    assert meta["mask_config"]["game"] == "preserve" and meta["recovery_config"]["game"] == "delete"
+    assert (out / "work" / "test-bim" / "masks-preserve" / "manifest.json").is_file()
+    assert (out / "work" / "test-bim" / "masks" / "manifest.json").is_file()  # deletion masks, for recovery
+    assert not (out / "work" / "train-bim" / "masks").exists()  # training needs detection masks only
+    preserve = load_mask_set(out / "work" / "test-bim", "preserve")["adv_mask"]
+    delete = load_mask_set(out / "work" / "test-bim")["adv_mask"]
+    assert preserve.mean() > delete.mean()  # preservation keeps what deletion removes: different masks
+
+    games = []
+    real = MeaningfulPerturbation.attribute
+
+    def spy(self, images, target=None, progress=False):
+        games.append(self.config.game)
+        return real(self, images, target, progress)
+
+    monkeypatch.setattr(MeaningfulPerturbation, "attribute", spy)
+    data = load_attack_set(out / "work" / "test-bim")
+    save_image(data.adv[0], tmp_path / "adv.png")
+    r = inference.recover_image(tmp_path / "adv.png", out)
+    assert games == ["preserve", "delete"] and len(r["recovered_top5"]) == 5
+    assert MaskConfig(game="preserve").for_recovery() == MaskConfig()

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..detector import MaskDetector
-from ..masks import MaskConfig, MeaningfulPerturbation
+from ..masks import MaskConfig, make_explainer
 from ..models.wrapper import ModelWrapper, frozen
 
 log = logging.getLogger(__name__)
@@ -117,8 +117,14 @@ def _losses(model: ModelWrapper, surrogate: nn.Module, detector_net: nn.Module, 
 
 
 def adaptive_pgd(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, images: torch.Tensor,
-                 labels: torch.Tensor, cfg: AdaptiveConfig) -> torch.Tensor:
-    """Adversarial images within ``cfg.eps`` (L-inf) of ``images`` that target classifier + detector."""
+                 labels: torch.Tensor, cfg: AdaptiveConfig, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial images within ``cfg.eps`` (L-inf) of ``images`` that target classifier + detector.
+
+    ``init`` (e.g. the attack's result at a smaller eps, which is inside this ball too) adds
+    one restart that starts there, so a larger budget never does worse than a smaller one.
+    Among restarts that succeed as far as the attacker can tell, the smallest perturbation
+    (L2) is kept: it is the least likely to look abnormal to the real mask pipeline.
+    """
     device = model.device
     detector_net = detector._fitted()
     alpha = cfg.alpha if cfg.alpha is not None else 2.5 * cfg.eps / cfg.steps
@@ -126,10 +132,14 @@ def adaptive_pgd(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetect
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     best = x0.clone()
     best_loss = torch.full((len(x0),), float("inf"), device=device)
+    starts = [None] * cfg.restarts + ([init.to(device).float()] if init is not None else [])
     with frozen(model), frozen(detector_net), frozen(surrogate):
-        for _ in range(cfg.restarts):
-            noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * cfg.eps
-            x = (x0 + noise).clamp(0, 1)
+        for start in starts:
+            if start is None:
+                noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * cfg.eps
+                x = (x0 + noise).clamp(0, 1)
+            else:
+                x = torch.min(torch.max(start, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)
             for _ in range(cfg.steps):
                 x.requires_grad_(True)
                 loss, _, _ = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
@@ -139,8 +149,10 @@ def adaptive_pgd(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetect
                     x = torch.min(torch.max(x, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)
             with torch.no_grad():
                 loss, margin, score = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
-                # an attacker-side success beats any loss; among the rest keep the lowest loss
-                rank = torch.where((margin < 0) & (score <= detector.threshold_), torch.full_like(loss, -1e9), loss)
+                # an attacker-side success beats any loss (the smallest such perturbation first);
+                # among the rest keep the lowest loss
+                size = (x - x0).flatten(1).norm(dim=1)
+                rank = torch.where((margin < 0) & (score <= detector.threshold_), size - 1e9, loss)
                 better = rank < best_loss
                 best[better], best_loss[better] = x[better], rank[better]
     return best.detach()
@@ -164,18 +176,23 @@ class AdaptiveResult:
 
 
 def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,
-                      images: torch.Tensor, labels: torch.Tensor, cfg: AdaptiveConfig) -> AdaptiveResult:
-    """Run the adaptive attack on correctly classified ``images`` and judge it on the real pipeline."""
-    adv = adaptive_pgd(model, surrogate, detector, images, labels, cfg)
+                      images: torch.Tensor, labels: torch.Tensor, cfg: AdaptiveConfig,
+                      init: torch.Tensor | None = None) -> tuple[AdaptiveResult, torch.Tensor]:
+    """Run the adaptive attack on correctly classified ``images``, judge it on the real pipeline.
+
+    Returns the result and the adversarial images (to warm-start a larger eps).
+    """
+    adv = adaptive_pgd(model, surrogate, detector, images, labels, cfg, init=init)
     device = model.device
     with torch.no_grad():
         pred = model.predict(adv).to(device)
         sur_scores = torch.as_tensor(detector.decision_function(surrogate(adv).cpu()))
-    real = MeaningfulPerturbation(model, mask_config).attribute(adv)
+    real = make_explainer(model, mask_config).attribute(adv)
     scores = torch.as_tensor(detector.decision_function(real.masks.cpu()))
     fooled = (pred != labels.to(device)).cpu()
     passes = scores <= detector.threshold_
     frac = lambda t: float(t.float().mean()) if t.numel() else float("nan")  # noqa: E731
-    return AdaptiveResult(eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts, n=len(images),
-                          success=frac(fooled & passes), fooled=frac(fooled), detected=frac(~passes[fooled]),
-                          surrogate_success=frac(fooled & (sur_scores <= detector.threshold_)))
+    result = AdaptiveResult(eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts + (init is not None), n=len(images),
+                            success=frac(fooled & passes), fooled=frac(fooled), detected=frac(~passes[fooled]),
+                            surrogate_success=frac(fooled & (sur_scores <= detector.threshold_)))
+    return result, adv.cpu()

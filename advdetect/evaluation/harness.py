@@ -32,7 +32,8 @@ from ..data import load_dataset
 from ..detector import MaskDetector, detection_metrics, tpr_at_fpr
 from ..detector.io import library_versions
 from ..errors import AdvDetectError
-from ..masks import MaskConfig
+from ..masks import MaskConfig, make_explainer
+from ..masks.config import METHODS as MASK_METHODS
 from ..maskset import compute_mask_set, load_mask_set
 from ..recovery import recovery_metrics
 from .adaptive import AdaptiveConfig, evaluate_adaptive, train_surrogate
@@ -71,6 +72,8 @@ class EvaluateConfig:
     adaptive_steps: int = 40
     adaptive_restarts: int = 1
     gallery: int = 6
+    methods: tuple[str, ...] = ()  # mask methods to compare with the detector's (extremal, robust)
+    n_methods: int = 200
     seed: int = 0
     batch_size: int = 256
     shard_size: int = 512
@@ -88,9 +91,13 @@ class EvaluateConfig:
             raise ValueError("give at least one eps")
         if self.n < 8:
             raise ValueError(f"n must be at least 8 (it is split in halves), got {self.n}")
-        if self.n_baseline > self.n or self.adaptive_n > self.n // 2:
-            raise ValueError("n_baseline must be <= n and adaptive_n <= n / 2 (the adaptive attack uses the "
-                             "evaluation half)")
+        for name in self.methods:
+            if name not in MASK_METHODS:
+                from ..errors import UnknownNameError
+                raise UnknownNameError("mask method", name, list(MASK_METHODS))
+        if self.n_baseline > self.n or self.n_methods > self.n or self.adaptive_n > self.n // 2:
+            raise ValueError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "
+                             "uses the evaluation half)")
 
     @property
     def main_eps(self) -> float:
@@ -152,6 +159,8 @@ class SetData:
     clean_mask: torch.Tensor
     adv_mask: torch.Tensor
     manifest: dict[str, Any]
+    rec_clean_mask: torch.Tensor | None = None  # deletion masks for recovery (None: the masks above)
+    rec_adv_mask: torch.Tensor | None = None
 
     @property
     def correct(self) -> torch.Tensor:
@@ -174,7 +183,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
                    data_dir: str | os.PathLike | None = None, device: str = "auto",
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate the detector in ``detector_dir``; write report.{json,html,md} under ``out``; return the report."""
-    from ..inference import _setup
+    from ..inference import _setup, recovery_config
     from .report import write_reports
 
     config = config or EvaluateConfig()
@@ -182,6 +191,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     timer = Timer()
     out = Path(out)
     wrapper, detector, meta, mask_config = _setup(detector_dir, None, device)
+    rec_config = recovery_config(meta, mask_config)
     torch.manual_seed(config.seed)
 
     t = time.time()
@@ -195,12 +205,14 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
                             seed=config.seed, progress=progress,
                             data_description={"dataset": "cifar10", "split": "test", "n": config.n,
                                               "seed": config.seed + 1})
-        compute_mask_set(wrapper, directory, config=mask_config, progress=progress, reuse_clean_from=first,
-                         shard_size=config.shard_size)
+        for cfg in dict.fromkeys([mask_config, rec_config]):  # detection masks, and deletion masks to recover
+            compute_mask_set(wrapper, directory, config=cfg, progress=progress, reuse_clean_from=first,
+                             shard_size=config.shard_size)
         first = first or directory
-        s, m = load_attack_set(directory), load_mask_set(directory)
+        s, m, r = load_attack_set(directory), load_mask_set(directory, mask_config.kind), \
+            load_mask_set(directory, rec_config.kind)
         sets[spec.key] = SetData(spec, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, m["clean_mask"],
-                                 m["adv_mask"], s.manifest)
+                                 m["adv_mask"], s.manifest, r["clean_mask"], r["adv_mask"])
     timer.add("attacks_and_masks", t)
 
     t = time.time()
@@ -210,7 +222,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     clean_section = {"n": int(len(any_set.labels)), "accuracy": float(correct.mean()),
                      "detector_fpr": float((clean_scores[correct] > detector.threshold_).mean()),
                      "threshold": detector.threshold_, "calibration_fpr": detector.calibration_fpr_}
-    per_attack = {key: _set_metrics(wrapper, detector, mask_config, sd, clean_scores) for key, sd in sets.items()}
+    per_attack = {key: _set_metrics(wrapper, detector, rec_config, sd, clean_scores) for key, sd in sets.items()}
     timer.add("detector_metrics", t)
 
     t = time.time()
@@ -221,6 +233,12 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     t = time.time()
     baselines = _baselines(wrapper, [sets[s.key] for s in main_specs(config)], config, timer)
     timer.add("baselines", t)
+
+    methods = None
+    if config.methods:
+        t = time.time()
+        methods = _method_comparison(wrapper, mask_config, [sets[s.key] for s in main_specs(config)], config)
+        timer.add("mask_methods", t)
 
     adaptive = None
     if config.adaptive:
@@ -238,7 +256,8 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
         "threat_model": THREAT_MODEL,
         "detector": {"path": str(detector_dir), "classifier": meta["classifier"],
                      "trained_on": meta.get("attacks"), "threshold": detector.threshold_,
-                     "calibration_fpr": detector.calibration_fpr_, "mask_config": mask_config.to_dict()},
+                     "calibration_fpr": detector.calibration_fpr_, "mask_config": mask_config.to_dict(),
+                     "recovery_config": rec_config.to_dict()},
         "config": config.to_dict(),
         "splits": {"detector": f"all {config.n} test images (seed {config.seed + 1})",
                    "fit_half": f"test images 0..{half - 1}", "eval_half": f"test images {half}..{config.n - 1}",
@@ -248,6 +267,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
         "transfer": transfer,
         "baselines": baselines,
         "adaptive": adaptive,
+        "mask_methods": methods,
         "gallery": gallery,
         "versions": {**library_versions(), "platform": platform.platform()},
         "seeds": {"evaluation": config.seed, "images": config.seed + 1},
@@ -259,7 +279,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     return report
 
 
-def _set_metrics(wrapper, detector: MaskDetector, mask_config: MaskConfig, sd: SetData,
+def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, sd: SetData,
                  clean_scores: np.ndarray) -> dict[str, Any]:
     from sklearn.metrics import roc_curve
 
@@ -269,8 +289,10 @@ def _set_metrics(wrapper, detector: MaskDetector, mask_config: MaskConfig, sd: S
     scores = np.r_[clean_scores[correct], adv_scores[success]]
     det = detection_metrics(labels, scores, detector.threshold_) if success.any() else {}
     flagged = torch.as_tensor(clean_scores > detector.threshold_)
-    rec = recovery_metrics(wrapper, sd.clean, sd.adv, sd.labels, sd.clean_pred, sd.adv_pred, sd.clean_mask,
-                           sd.adv_mask, clean_flagged=flagged, config=mask_config).to_dict()
+    rec_clean = sd.clean_mask if sd.rec_clean_mask is None else sd.rec_clean_mask
+    rec_adv = sd.adv_mask if sd.rec_adv_mask is None else sd.rec_adv_mask
+    rec = recovery_metrics(wrapper, sd.clean, sd.adv, sd.labels, sd.clean_pred, sd.adv_pred, rec_clean, rec_adv,
+                           clean_flagged=flagged, config=rec_config).to_dict()
     roc = {}
     if success.any():
         fpr, tpr, _ = roc_curve(labels, scores)
@@ -373,6 +395,56 @@ def _baselines(wrapper, sets: list[SetData], config: EvaluateConfig, timer: Time
                     "discriminator (MaskAlexNet) is fitted per method and attack on the fit half"}
 
 
+def method_config(name: str, detector_config: MaskConfig) -> MaskConfig:
+    """The masks compared for ``name``: the detector's own, or that method's deletion masks."""
+    if name == "meaningful":
+        return detector_config
+    if name == "extremal":
+        return MaskConfig(method="extremal", game="delete", area=0.1, seed=detector_config.seed)
+    return MaskConfig(method="robust", seed=detector_config.seed)
+
+
+def _method_comparison(wrapper, detector_config: MaskConfig, sets: list[SetData],
+                       config: EvaluateConfig) -> dict[str, Any]:
+    """Detection (same discriminator, same halves) and recovery for each mask method on the first n_methods images."""
+    nm = config.n_methods
+    half = nm // 2
+    names = list(dict.fromkeys(["meaningful", *config.methods]))
+    out: dict[str, Any] = {"methods": names, "configs": {}, "results": {}, "masks_per_second": {}}
+    for name in names:
+        cfg = method_config(name, detector_config)
+        explainer = make_explainer(wrapper, cfg)
+        out["configs"][name] = cfg.to_dict()
+        t, count = time.time(), 0
+        clean_masks = explainer.attribute(sets[0].clean[:nm].to(wrapper.device)).masks.cpu()
+        count += nm
+        out["results"][name] = {}
+        for sd in sets:
+            adv_masks = explainer.attribute(sd.adv[:nm].to(wrapper.device)).masks.cpu()
+            count += nm
+            sub = SetData(sd.spec, sd.clean[:nm], sd.adv[:nm], sd.labels[:nm], sd.clean_pred[:nm], sd.adv_pred[:nm],
+                          clean_masks, adv_masks, sd.manifest)
+            fc, fa, ec, ea = _halves(sub, clean_masks, adv_masks, half)
+            row = (_auc_tpr(_fit_eval(fc, fa, config.seed), ec, ea) if min(len(fc), len(fa), len(ec), len(ea)) >= 2
+                   else {"roc_auc": float("nan"), "tpr_at_5fpr": float("nan")})
+            idx = torch.arange(nm)
+            pick = (idx >= half) & sub.success  # recovery on the evaluation half's successful attacks
+            with torch.no_grad():
+                rec = wrapper.logits(explainer.perturb(sub.adv[pick].to(wrapper.device),
+                                                       adv_masks[pick].to(wrapper.device))).cpu()
+            top5 = rec.topk(min(5, rec.shape[1]), 1).indices
+            clean_label = sub.clean_pred[pick]
+            row["recovery_top1"] = float((top5[:, 0] == clean_label).float().mean()) if len(top5) else float("nan")
+            row["recovery_top5"] = float((top5 == clean_label[:, None]).any(1).float().mean()) if len(top5) \
+                else float("nan")
+            out["results"][name][sd.spec.key] = row
+        out["masks_per_second"][name] = round(count / max(time.time() - t, 1e-9), 2)
+    out["note"] = (f"first {nm} test images: discriminators fitted on images 0..{half - 1}, evaluated on "
+                   f"{half}..{nm - 1}; recovery applies each method's mask to the evaluation half's successful "
+                   "adversarial images (top-1/top-5 of the clean prediction)")
+    return out
+
+
 def _adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, sets: list[SetData], half: int,
               config: EvaluateConfig, progress: bool) -> dict[str, Any]:
     """Surrogate fitted on the fit half's real masks; PGD on the eval half's correct clean images."""
@@ -393,22 +465,25 @@ def _adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, sets: li
     pool = ((idx >= half) & first.correct).nonzero().flatten()[:config.adaptive_n]
     x, y = first.clean[pool], first.labels[pool]
 
-    def attack(eps: float, steps: int, restarts: int) -> dict[str, Any]:
+    def attack(eps: float, steps: int, restarts: int, init: torch.Tensor | None = None):
         cfg = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed)
-        return evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, cfg).to_dict()
+        result, adv = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, cfg, init=init)
+        return result.to_dict(), adv
 
     from tqdm.auto import tqdm
 
-    sweep_results = [attack(e, config.adaptive_steps, config.adaptive_restarts)
-                     for e in tqdm(sorted(config.adaptive_eps), desc="adaptive", unit="eps", disable=not progress,
-                                   leave=False)]
-    more = attack(config.main_eps, 4 * config.adaptive_steps, config.adaptive_restarts)
-    base = next(r for r in sweep_results if abs(r["eps"] - config.main_eps) < 1e-12) \
-        if any(abs(r["eps"] - config.main_eps) < 1e-12 for r in sweep_results) \
-        else attack(config.main_eps, config.adaptive_steps, config.adaptive_restarts)
+    # each eps also restarts from the previous (smaller) eps's result: a larger budget can't do worse
+    sweep_results, previous = [], None
+    for e in tqdm(sorted(config.adaptive_eps), desc="adaptive", unit="eps", disable=not progress, leave=False):
+        result, previous = attack(e, config.adaptive_steps, config.adaptive_restarts, init=previous)
+        sweep_results.append(result)
+    # iterations check at the main eps, both runs from random starts only
+    base, _ = attack(config.main_eps, config.adaptive_steps, config.adaptive_restarts)
+    more, _ = attack(config.main_eps, 4 * config.adaptive_steps, config.adaptive_restarts)
     successes = [r["success"] for r in sweep_results]
     return {
-        "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style)",
+        "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style); "
+                  "each eps also restarts from the previous eps's result",
         "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
         "restarts": config.adaptive_restarts, "sweep": sweep_results,
         "more_iterations": {"steps": 4 * config.adaptive_steps, "eps": config.main_eps, "result": more,

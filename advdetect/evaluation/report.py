@@ -273,6 +273,27 @@ def _more_tables(h: Html, md: list[str], report: dict[str, Any], figs: dict[str,
         if "baselines" in figs:
             h.image(figs["baselines"], "baseline comparison")
         md += ["", f"**Best method per attack (ROC-AUC):** {wins}", *[f"Note: {n}" for n in bl["notes"]], ""]
+    mm = report.get("mask_methods")
+    if mm:
+        keys = list(next(iter(mm["results"].values())))
+        h.add("<h2>Mask methods</h2><p class=note>" + html.escape(mm["note"]) + "</p><table><tr>"
+              "<th class=name>method</th><th>masks/s</th>"
+              + "".join(f"<th>{html.escape(k)} AUC</th><th>TPR@5%</th><th>rec. top-1</th><th>rec. top-5</th>"
+                        for k in keys) + "</tr>")
+        md += ["## Mask methods (ROC-AUC / TPR at 5% FPR / recovery top-1 / top-5)", "", mm["note"], "",
+               "| method | masks/s | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+        for m in mm["methods"]:
+            cells = "".join(h.num(f"mask_methods|results|{m}|{k}|roc_auc", dec)
+                            + "".join(h.num(f"mask_methods|results|{m}|{k}|{c}") for c in
+                                      ("tpr_at_5fpr", "recovery_top1", "recovery_top5")) for k in keys)
+            h.add(f"<tr><td class=name>{html.escape(m)}</td>{h.num(f'mask_methods|masks_per_second|{m}', str)}"
+                  f"{cells}</tr>")
+            md.append(f"| {m} | {mm['masks_per_second'][m]} | " + " | ".join(
+                "{} / {} / {} / {}".format(dec(mm["results"][m][k]["roc_auc"]), pct(mm["results"][m][k]["tpr_at_5fpr"]),
+                                           pct(mm["results"][m][k].get("recovery_top1")),
+                                           pct(mm["results"][m][k].get("recovery_top5"))) for k in keys) + " |")
+        h.add("</table>")
+        md.append("")
     ad = report.get("adaptive")
     if ad:
         h.add(f"<h2>Adaptive attack</h2><p>{html.escape(ad['method'])}; {ad['steps']} steps, {ad['restarts']} "

@@ -1,8 +1,27 @@
-"""Meaningful-perturbation masks, with the pieces apart: perturbation operator
-(:mod:`.perturbation`), mask parameterization (:mod:`.parameterization`), loss
-(:mod:`.loss`), optimiser loop (:mod:`.engine`) and their settings (:mod:`.config`)."""
+"""Perturbation masks, with the pieces apart: perturbation operator (:mod:`.perturbation`),
+mask parameterization (:mod:`.parameterization`), loss (:mod:`.loss`), optimiser loop
+(:mod:`.engine`) and their settings (:mod:`.config`). Three methods share the interface
+``Method(model, config).attribute(images, target=None) -> MaskResult`` and ``perturb``:
+meaningful perturbation (:mod:`.engine`), extremal perturbation (:mod:`.extremal`) and
+robust perturbation (:mod:`.robust`); :func:`make_explainer` picks one from the config."""
+
+from __future__ import annotations
+
+from torch import nn
 
 from .config import MaskConfig
 from .engine import MaskResult, MeaningfulPerturbation, compute_masks
+from .extremal import ExtremalPerturbation
+from .robust import RobustPerturbation, class_distortion_score
 
-__all__ = ["MaskConfig", "MaskResult", "MeaningfulPerturbation", "compute_masks"]
+
+def make_explainer(model: nn.Module, config: MaskConfig | None = None):
+    """The mask method ``config.method`` names, on ``model``."""
+    config = config or MaskConfig()
+    cls = {"meaningful": MeaningfulPerturbation, "extremal": ExtremalPerturbation,
+           "robust": RobustPerturbation}[config.method]
+    return cls(model, config)
+
+
+__all__ = ["ExtremalPerturbation", "MaskConfig", "MaskResult", "MeaningfulPerturbation", "RobustPerturbation",
+           "class_distortion_score", "compute_masks", "make_explainer"]

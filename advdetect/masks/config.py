@@ -9,6 +9,11 @@ from .loss import GAMES, SCORES
 from .perturbation import PERTURBATIONS
 
 
+METHODS = ("meaningful", "extremal", "robust")
+EXTREMAL_KEYS = ("area", "area_coeff", "smooth", "step", "max_blur", "levels")
+ROBUST_KEYS = ("cross_coeff", "preserve_coeff")
+
+
 @dataclass(frozen=True)
 class MaskConfig:
     """Hyperparameters of the meaningful-perturbation mask (Fong & Vedaldi 2017).
@@ -43,6 +48,21 @@ class MaskConfig:
         batch_size: images optimised together; 0 picks a size for the device.
         amp: bfloat16 autocast on CUDA.
         seed: seed of the jitter and noise sequences.
+        method: ``meaningful`` (this paper, the default), ``extremal`` (Fong, Patrick & Vedaldi
+            2019: fixed-area masks; ``game`` may also be ``dual``) or ``robust`` (Kim et al. 2021:
+            deletion with cross-checking). The settings below apply to those two only and are left
+            out of :meth:`to_dict` for ``meaningful``.
+        area: extremal - the mask's area as a fraction of the image.
+        area_coeff: extremal - weight of the area (ranking) constraint; it grows geometrically
+            from ``area_coeff`` to ``100 * area_coeff`` over the iterations, as in TorchRay.
+        smooth: extremal - sigma (pixels) of the smooth max-convolution mask generator.
+        step: extremal - spacing (pixels) of the mask generator's parameter grid.
+        max_blur: extremal - sigma (pixels) of the blur pyramid's strongest level.
+        levels: extremal - number of blur pyramid levels.
+        cross_coeff: robust - weight of the cross-check keeping the non-target predictions (KL
+            between the non-target class distributions of the image and the perturbed image).
+        preserve_coeff: robust - weight of the preserved branch (the deleted region alone must
+            keep the target class).
     """
 
     game: str = "delete"
@@ -66,10 +86,46 @@ class MaskConfig:
     batch_size: int = 0
     amp: bool = False
     seed: int = 0
+    method: str = "meaningful"
+    area: float = 0.2
+    area_coeff: float = 10.0
+    smooth: float = 2.0
+    step: int = 4
+    max_blur: float = 6.0
+    levels: int = 8
+    cross_coeff: float = 1.0
+    preserve_coeff: float = 0.5
+
+    @property
+    def kind(self) -> str:
+        """What sort of mask this makes: ``delete``/``preserve`` (meaningful), ``extremal-<game>``, ``robust``."""
+        return {"meaningful": self.game, "extremal": f"extremal-{self.game}", "robust": "robust"}[self.method]
+
+    def for_recovery(self) -> MaskConfig:
+        """The masks that recover a label: deletion masks (these, if they are; else the default ones).
+
+        Detection may use preservation masks, but only a deletion mask removes the evidence
+        for the adversarial class when it is applied back to the image.
+        """
+        if self.game == "delete":
+            return self
+        return MaskConfig(batch_size=self.batch_size, amp=self.amp, seed=self.seed)
 
     def __post_init__(self) -> None:
-        if self.game not in GAMES:
-            raise ValueError(f"unknown game {self.game!r}; choose one of: {', '.join(GAMES)}")
+        if self.method not in METHODS:
+            raise ValueError(f"unknown mask method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        games = (*GAMES, "dual") if self.method == "extremal" else GAMES
+        if self.game not in games:
+            raise ValueError(f"unknown game {self.game!r} for {self.method} masks; choose one of: {', '.join(games)}")
+        if self.method == "robust" and self.game != "delete":
+            raise ValueError("robust perturbation is a deletion method; use game 'delete'")
+        if not 0 < self.area < 1:
+            raise ValueError(f"area must lie in (0, 1), got {self.area}")
+        if self.step < 1 or self.levels < 2 or self.smooth <= 0:
+            raise ValueError("step must be >= 1, levels >= 2 and smooth > 0")
+        for name in ("area_coeff", "max_blur", "cross_coeff", "preserve_coeff"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose one of: {', '.join(SCORES)}")
         if self.perturbation not in PERTURBATIONS:
@@ -99,7 +155,11 @@ class MaskConfig:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every setting that applies (meaningful masks leave out the other methods' settings)."""
+        d = asdict(self)
+        drop = {"meaningful": EXTREMAL_KEYS + ROBUST_KEYS + ("method",), "extremal": ROBUST_KEYS,
+                "robust": EXTREMAL_KEYS}[self.method]
+        return {k: v for k, v in d.items() if k not in drop}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MaskConfig:

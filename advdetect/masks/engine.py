@@ -70,7 +70,7 @@ class _Active:
     """The images currently in the batch and their optimiser state (all per-sample)."""
 
     names = ("idx", "x", "ref", "target", "p0", "log_floor", "mask", "m1", "m2", "t", "prev_mask", "loss_sum",
-             "last_loss", "kept_mask", "kept")
+             "last_loss", "kept_mask", "kept", "aux")  # aux: per-image data of a method built on this loop
 
     def __init__(self, **tensors: torch.Tensor) -> None:
         for name in self.names:
@@ -255,7 +255,7 @@ class MeaningfulPerturbation:
         p0 = prob_before[take]
         log_floor = floor_score(p0, self.config.floor, self.config.score)
         return _Active(idx=take, x=x, ref=self._reference(x, take), target=targets[take], p0=p0, log_floor=log_floor,
-                       mask=mask, m1=zeros,
+                       aux=self._aux(x, targets[take]), mask=mask, m1=zeros,
                        m2=zeros.clone(), t=torch.zeros(k, dtype=torch.long, device=images.device),
                        prev_mask=mask.clone(), loss_sum=torch.zeros(k, device=images.device),
                        last_loss=torch.full((k,), float("inf"), device=images.device), kept_mask=mask.clone(),
@@ -273,12 +273,12 @@ class MeaningfulPerturbation:
             live = (a.t < cfg.iterations).view(-1, 1, 1, 1)
             mask = a.mask.requires_grad_(True)
             offset = shifts[a.t.clamp(max=cfg.iterations - 1)] if cfg.jitter > 0 else None
-            perturbed = blend(a.x, a.ref, upsample(mask, grid, offset))
-            if noise is not None:
-                perturbed = perturbed + noise[a.t % bank]
-            logits = self._forward(perturbed)
-            loss = objective(mask, logits, a.target, cfg.game, cfg.l1_coeff, cfg.tv_coeff, cfg.tv_beta, cfg.score,
-                             a.log_floor)
+            up = upsample(mask, grid, offset)
+            perturbed = blend(a.x, a.ref, up)
+            noise_t = noise[a.t % bank] if noise is not None else None
+            if noise_t is not None:
+                perturbed = perturbed + noise_t
+            loss = self._loss(mask, up, self._forward(perturbed), a, noise_t)
             (grad,) = torch.autograd.grad(loss.sum(), mask)
             with torch.no_grad():
                 t = (a.t + 1).view(-1, 1, 1, 1).float()
@@ -289,6 +289,18 @@ class MeaningfulPerturbation:
                 a.loss_sum += torch.where(live.view(-1), loss.detach(), torch.zeros_like(loss))
                 a.t = a.t + live.view(-1).long()
         return max(steps, 1)
+
+
+    def _loss(self, mask_low: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, a: _Active,
+              noise: torch.Tensor | None) -> torch.Tensor:
+        """Per-image objective of the current masks (``logits``: the model on the perturbed images)."""
+        cfg = self.config
+        return objective(mask_low, logits, a.target, cfg.game, cfg.l1_coeff, cfg.tv_coeff, cfg.tv_beta, cfg.score,
+                         a.log_floor)
+
+    def _aux(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Per-image data a subclass's loss needs (none here)."""
+        return torch.zeros(x.shape[0], 0, device=x.device)
 
 
 def floor_score(p0: torch.Tensor, floor: float, score: str) -> torch.Tensor:

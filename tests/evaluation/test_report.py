@@ -28,7 +28,8 @@ def report_dir(quick_detector, tmp_path_factory):
     result = CliRunner().invoke(main, [
         "evaluate", "--detector", str(quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
         "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "6", "--adaptive-eps", "8/255,32/255",
-        "--adaptive-steps", "3", "--data-dir", str(SHARED_DATA), "--json"])
+        "--adaptive-steps", "3", "--methods", "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA),
+        "--json"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -65,9 +66,14 @@ def test_json_has_every_section(report_dir):
     out, printed = report_dir
     report = json.loads((out / "report.json").read_text())
     assert report == printed
-    for key in ("threat_model", "clean", "attacks", "transfer", "baselines", "adaptive", "gallery", "config",
-                "versions", "seeds", "timings"):
+    for key in ("threat_model", "clean", "attacks", "transfer", "baselines", "adaptive", "mask_methods", "gallery",
+                "config", "versions", "seeds", "timings"):
         assert report[key], key
+    mm = report["mask_methods"]
+    assert mm["methods"] == ["meaningful", "extremal", "robust"]
+    assert mm["configs"]["extremal"]["method"] == "extremal" and mm["configs"]["robust"]["method"] == "robust"
+    for name in mm["methods"]:
+        assert mm["masks_per_second"][name] > 0 and set(mm["results"][name]) == {"fgsm@8/255", "bim@8/255", "cw"}
     assert set(report["attacks"]) == {"fgsm@4/255", "fgsm@8/255", "bim@4/255", "bim@8/255", "cw"}
     for a in report["attacks"].values():
         for key in ("attack_success", "detection_rate", "tpr_at_1fpr", "tpr_at_5fpr", "roc_auc", "recovery_top1",
