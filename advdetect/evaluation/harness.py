@@ -31,7 +31,7 @@ from ..attackset import generate_attack_set, load_attack_set
 from ..data import load_dataset
 from ..detector import MaskDetector, detection_metrics, tpr_at_fpr
 from ..detector.io import library_versions
-from ..errors import AdvDetectError
+from ..errors import AdvDetectError, UnknownNameError
 from ..masks import MaskConfig, make_explainer
 from ..masks.config import METHODS as MASK_METHODS
 from ..maskset import compute_mask_set, load_mask_set
@@ -83,7 +83,6 @@ class EvaluateConfig:
             AttackConfig(name)  # unknown names -> UnknownNameError with the choices
         for name in self.baselines:
             if name not in METHODS:
-                from ..errors import UnknownNameError
                 raise UnknownNameError("baseline", name, list(METHODS))
         if not self.attacks:
             raise ValueError("give at least one attack")
@@ -93,7 +92,6 @@ class EvaluateConfig:
             raise ValueError(f"n must be at least 8 (it is split in halves), got {self.n}")
         for name in self.methods:
             if name not in MASK_METHODS:
-                from ..errors import UnknownNameError
                 raise UnknownNameError("mask method", name, list(MASK_METHODS))
         if self.n_baseline > self.n or self.n_methods > self.n or self.adaptive_n > self.n // 2:
             raise ValueError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "

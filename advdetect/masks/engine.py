@@ -196,14 +196,7 @@ class MeaningfulPerturbation:
         if n == 0:
             return torch.empty(0, dtype=torch.long, device=images.device), torch.empty(0, device=images.device)
         probs = torch.cat([self._forward(images[s:s + batch]).float().softmax(1) for s in range(0, n, batch)])
-        if target is None:
-            targets = probs.argmax(1)
-        elif isinstance(target, int):
-            targets = torch.full((n,), target, dtype=torch.long, device=images.device)
-        else:
-            targets = torch.as_tensor(target, device=images.device).long().view(-1)
-            if targets.shape[0] != n:
-                raise ValueError(f"target has {targets.shape[0]} entries for {n} images")
+        targets = resolve_targets(probs, target)
         return targets, probs.gather(1, targets[:, None]).squeeze(1)
 
     def _reference(self, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -301,6 +294,19 @@ class MeaningfulPerturbation:
     def _aux(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-image data a subclass's loss needs (none here)."""
         return torch.zeros(x.shape[0], 0, device=x.device)
+
+
+def resolve_targets(probs: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:
+    """The class each mask explains: the top prediction (``None``), one class for all, or one per image."""
+    n = probs.shape[0]
+    if target is None:
+        return probs.argmax(1)
+    if isinstance(target, int):
+        return torch.full((n,), target, dtype=torch.long, device=probs.device)
+    targets = torch.as_tensor(target, device=probs.device).long().view(-1)
+    if targets.shape[0] != n:
+        raise ValueError(f"target has {targets.shape[0]} entries for {n} images")
+    return targets
 
 
 def floor_score(p0: torch.Tensor, floor: float, score: str) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 
 from ..models.wrapper import frozen
 from .config import MaskConfig
-from .engine import ADAM_BETAS, ADAM_EPS, DEFAULT_BATCH, MaskResult
+from .engine import ADAM_BETAS, ADAM_EPS, DEFAULT_BATCH, MaskResult, resolve_targets
 from .loss import class_term
 from .perturbation import gaussian_blur
 
@@ -108,7 +108,7 @@ class ExtremalPerturbation:
         images = images.detach().float()
         with frozen(self.model):
             probs = self._probs(images)
-            targets = _targets(probs, target, images.shape[0])
+            targets = resolve_targets(probs, target)
             batch = self.config.batch_size or DEFAULT_BATCH.get(images.device.type, 64)
             parts = [self._optimise(images[s:s + batch], targets[s:s + batch]) for s in range(0, len(images), batch)]
             masks = torch.cat(parts) if parts else torch.empty(0, 1, *images.shape[-2:], device=images.device)
@@ -156,13 +156,3 @@ class ExtremalPerturbation:
             mask = gen(params)
         return 1 - mask if cfg.game == "delete" else mask
 
-
-def _targets(probs: torch.Tensor, target: torch.Tensor | int | None, n: int) -> torch.Tensor:
-    if target is None:
-        return probs.argmax(1)
-    if isinstance(target, int):
-        return torch.full((n,), target, dtype=torch.long, device=probs.device)
-    targets = torch.as_tensor(target, device=probs.device).long().view(-1)
-    if targets.shape[0] != n:
-        raise ValueError(f"target has {targets.shape[0]} entries for {n} images")
-    return targets
