@@ -7,10 +7,11 @@ for the true class and, through the surrogate, the detector's adversarial score,
 
     loss = max(z_y - max_{j != y} z_j, -kappa) + lam * max(D(S(x)) - (threshold - kappa_d), 0)
 
-with random restarts; for each image the restart whose result looks best to the attacker
-(misclassified and under the threshold according to the surrogate, else the lowest loss) is
-kept. Success is then judged on the *real* pipeline: the classifier is wrong and the real mask
-of the adversarial image (the full optimisation) scores under the calibrated threshold.
+with random restarts (and, in a sweep, the previous eps's result both as it is and as a start).
+The attacker knows the whole pipeline, so it checks its candidates on the *real* one (the
+classifier, the full mask optimisation, the detector) and keeps, per image, one that succeeds
+there. Success means exactly that: the classifier is wrong and the real mask of the adversarial
+image scores under the calibrated threshold.
 """
 
 from __future__ import annotations
@@ -78,9 +79,9 @@ def train_surrogate(images: torch.Tensor, masks: torch.Tensor, epochs: int = 15,
     with torch.no_grad():
         pred = torch.cat([net(images[val[i:i + 512]].to(device)).cpu() for i in range(0, len(val), 512)])
     target = masks[val]
-    fit_stats = {"val_l1": float((pred - target).abs().mean()),
-                 "val_mean_mask_corr": float(torch.corrcoef(torch.stack([pred.mean((1, 2, 3)),
-                                                                         target.mean((1, 2, 3))]))[0, 1]),
+    corr = (float(torch.corrcoef(torch.stack([pred.mean((1, 2, 3)), target.mean((1, 2, 3))]))[0, 1])
+            if n_val > 1 else float("nan"))
+    fit_stats = {"val_l1": float((pred - target).abs().mean()), "val_mean_mask_corr": corr,
                  "n_pairs": int(len(images))}
     for p in net.parameters():
         p.requires_grad_(False)
@@ -116,46 +117,74 @@ def _losses(model: ModelWrapper, surrogate: nn.Module, detector_net: nn.Module, 
     return loss, margin, score
 
 
-def adaptive_pgd(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, images: torch.Tensor,
-                 labels: torch.Tensor, cfg: AdaptiveConfig, init: torch.Tensor | None = None) -> torch.Tensor:
-    """Adversarial images within ``cfg.eps`` (L-inf) of ``images`` that target classifier + detector.
+def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, images: torch.Tensor,
+                        labels: torch.Tensor, cfg: AdaptiveConfig, init: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """One PGD result per restart, within ``cfg.eps`` (L-inf) of ``images``, each on ``model.device``.
 
-    ``init`` (e.g. the attack's result at a smaller eps, which is inside this ball too) adds
-    one restart that starts there, so a larger budget never does worse than a smaller one.
-    Among restarts that succeed as far as the attacker can tell, the smallest perturbation
-    (L2) is kept: it is the least likely to look abnormal to the real mask pipeline.
+    ``cfg.restarts`` runs start from uniform noise in the ball. ``init`` (e.g. the attack's result
+    at a smaller eps, which lies inside this ball too) adds two candidates: ``init`` itself,
+    untouched, and a run that starts there. Keeping ``init`` unchanged is what makes a larger
+    budget never do worse than a smaller one once candidates are chosen on the real pipeline.
     """
     device = model.device
     detector_net = detector._fitted()
     alpha = cfg.alpha if cfg.alpha is not None else 2.5 * cfg.eps / cfg.steps
     x0, y = images.to(device).float(), labels.to(device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    best = x0.clone()
-    best_loss = torch.full((len(x0),), float("inf"), device=device)
-    starts = [None] * cfg.restarts + ([init.to(device).float()] if init is not None else [])
+    project = lambda x: torch.min(torch.max(x, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)  # noqa: E731
+    starts: list[torch.Tensor | None] = [None] * cfg.restarts
+    candidates: list[torch.Tensor] = []
+    if init is not None:
+        start = project(init.to(device).float())
+        candidates.append(start)
+        starts.append(start)
     with frozen(model), frozen(detector_net), frozen(surrogate):
         for start in starts:
             if start is None:
                 noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * cfg.eps
                 x = (x0 + noise).clamp(0, 1)
             else:
-                x = torch.min(torch.max(start, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)
+                x = start.clone()
             for _ in range(cfg.steps):
                 x.requires_grad_(True)
                 loss, _, _ = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
                 grad, = torch.autograd.grad(loss.sum(), x)
                 with torch.no_grad():
-                    x = x - alpha * grad.sign()
-                    x = torch.min(torch.max(x, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)
-            with torch.no_grad():
-                loss, margin, score = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
-                # an attacker-side success beats any loss (the smallest such perturbation first);
-                # among the rest keep the lowest loss
-                size = (x - x0).flatten(1).norm(dim=1)
-                rank = torch.where((margin < 0) & (score <= detector.threshold_), size - 1e9, loss)
-                better = rank < best_loss
-                best[better], best_loss[better] = x[better], rank[better]
-    return best.detach()
+                    x = project(x - alpha * grad.sign())
+            candidates.append(x.detach())
+    return candidates
+
+
+def _choose(tier: list[torch.Tensor], key: list[torch.Tensor]) -> torch.Tensor:
+    """Per image, the index of the candidate with the lowest (tier, key); ties go to the earlier one."""
+    rank = torch.stack([t.float() * 1e4 + k.float().clamp(-1e3, 1e3) for t, k in zip(tier, key)])  # C x N
+    return rank.argmin(0)
+
+
+def _gather(per_candidate: list[torch.Tensor], choice: torch.Tensor) -> torch.Tensor:
+    stacked = torch.stack(per_candidate)
+    return stacked[choice.to(stacked.device), torch.arange(stacked.shape[1], device=stacked.device)]
+
+
+def adaptive_pgd(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, images: torch.Tensor,
+                 labels: torch.Tensor, cfg: AdaptiveConfig, init: torch.Tensor | None = None) -> torch.Tensor:
+    """Adversarial images chosen among :func:`adaptive_candidates` by what the surrogate tells the attacker.
+
+    A candidate that succeeds as far as the attacker can tell (misclassified, surrogate score
+    under the threshold) beats any other, the smallest perturbation (L2) first; among the rest
+    the lowest attack loss wins. :func:`evaluate_adaptive` chooses on the real pipeline instead.
+    """
+    candidates = adaptive_candidates(model, surrogate, detector, images, labels, cfg, init=init)
+    detector_net = detector._fitted()
+    x0, y = images.to(model.device).float(), labels.to(model.device)
+    tiers, keys = [], []
+    with torch.no_grad(), frozen(model), frozen(detector_net), frozen(surrogate):
+        for x in candidates:
+            loss, margin, score = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
+            ok = (margin < 0) & (score <= detector.threshold_)
+            tiers.append((~ok).long())
+            keys.append(torch.where(ok, (x - x0).flatten(1).norm(dim=1), loss))
+    return _gather(candidates, _choose(tiers, keys)).detach()
 
 
 @dataclass
@@ -180,19 +209,37 @@ def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskD
                       init: torch.Tensor | None = None) -> tuple[AdaptiveResult, torch.Tensor]:
     """Run the adaptive attack on correctly classified ``images``, judge it on the real pipeline.
 
-    Returns the result and the adversarial images (to warm-start a larger eps).
+    The attacker knows the detector, so it may run the real pipeline (classifier, full mask
+    optimisation, detector) on its candidates and keep, per image, one that succeeds there (the
+    smallest perturbation first); failing that, a fooling one with the lowest real detector
+    score; failing that, the lowest classifier margin. Returns the result and the chosen
+    adversarial images (pass them as ``init`` to warm-start a larger eps).
     """
-    adv = adaptive_pgd(model, surrogate, detector, images, labels, cfg, init=init)
+    candidates = adaptive_candidates(model, surrogate, detector, images, labels, cfg, init=init)
     device = model.device
-    with torch.no_grad():
-        pred = model.predict(adv).to(device)
-        sur_scores = torch.as_tensor(detector.decision_function(surrogate(adv).cpu()))
-    real = make_explainer(model, mask_config).attribute(adv)
-    scores = torch.as_tensor(detector.decision_function(real.masks.cpu()))
-    fooled = (pred != labels.to(device)).cpu()
-    passes = scores <= detector.threshold_
+    x0, y = images.to(device).float(), labels.to(device)
+    explainer = make_explainer(model, mask_config)
+    tiers, keys, preds, scores, sur_scores = [], [], [], [], []
+    for x in candidates:
+        logits = model.logits(x)
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        margin = (true - logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)).cpu()
+        real = torch.as_tensor(detector.decision_function(explainer.attribute(x).masks.cpu())).float()
+        with torch.no_grad():
+            sur_scores.append(torch.as_tensor(detector.decision_function(surrogate(x).cpu())).float())
+        fooled, passes = margin < 0, real <= detector.threshold_
+        tiers.append(torch.where(fooled & passes, 0, torch.where(fooled, 1, 2)))
+        keys.append(torch.where(fooled & passes, (x - x0).flatten(1).norm(dim=1).cpu(),
+                                torch.where(fooled, real, margin)))
+        preds.append(logits.argmax(1).cpu())
+        scores.append(real)
+    choice = _choose(tiers, keys)
+    adv, pred = _gather(candidates, choice).cpu(), _gather(preds, choice)
+    score, sur_score = _gather(scores, choice), _gather(sur_scores, choice)
+    fooled = pred != labels.cpu()
+    passes = score <= detector.threshold_
     frac = lambda t: float(t.float().mean()) if t.numel() else float("nan")  # noqa: E731
     result = AdaptiveResult(eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts + (init is not None), n=len(images),
                             success=frac(fooled & passes), fooled=frac(fooled), detected=frac(~passes[fooled]),
-                            surrogate_success=frac(fooled & (sur_scores <= detector.threshold_)))
-    return result, adv.cpu()
+                            surrogate_success=frac(fooled & (sur_score <= detector.threshold_)))
+    return result, adv

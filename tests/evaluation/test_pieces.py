@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from advdetect.detector import MaskDetector
-from advdetect.evaluation.adaptive import AdaptiveConfig, adaptive_pgd, train_surrogate
+from advdetect.evaluation.adaptive import AdaptiveConfig, adaptive_pgd, evaluate_adaptive, train_surrogate
+from advdetect.masks import MaskConfig, make_explainer
 from advdetect.evaluation.harness import EvaluateConfig, Spec, eps_tag, sweep
 from advdetect.evaluation.heatmaps import METHODS, heatmaps
 from advdetect.evaluation.report import json_safe
@@ -60,6 +61,34 @@ def test_adaptive_pgd_stays_in_budget_and_fools(tiny_model, tiny_images):
     assert (tiny_model.predict(adv) != y).float().mean() > 0.5
     with pytest.raises(ValueError, match="eps"):
         AdaptiveConfig(eps=0)
+
+
+def test_adaptive_success_never_drops_when_warm_started(tiny_model, tiny_images):
+    """Candidates are judged on the real pipeline and the smaller eps's result is one of them."""
+    gen = torch.Generator().manual_seed(1)
+    x = tiny_images[:16]
+    y = tiny_model.predict(x)
+    mask_config = MaskConfig(iterations=20, early_stop=False)
+    explainer = make_explainer(tiny_model, mask_config)
+    clean_masks = explainer.attribute(x).masks
+    noisy_masks = explainer.attribute((x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)).masks
+    det = MaskDetector(epochs=3, batch_size=16, seed=0).fit(torch.cat([clean_masks, noisy_masks] * 2),
+                                                           torch.arange(64) // 16 % 2)
+    surrogate, _ = train_surrogate(x, clean_masks, epochs=2)
+    small, adv_small = evaluate_adaptive(tiny_model, surrogate, det, mask_config, x, y,
+                                         AdaptiveConfig(eps=2 / 255, steps=5))
+    large, adv_large = evaluate_adaptive(tiny_model, surrogate, det, mask_config, x, y,
+                                         AdaptiveConfig(eps=8 / 255, steps=5), init=adv_small)
+    assert float((adv_large - x).abs().max()) <= 8 / 255 + 1e-6
+
+    def succeeds(adv):
+        scores = torch.as_tensor(det.decision_function(explainer.attribute(adv).masks))
+        return (tiny_model.predict(adv) != y) & (scores <= det.threshold_)
+
+    assert 0 < small.success < 1  # a case where keeping the warm start matters
+    assert large.success >= small.success
+    assert bool((succeeds(adv_large) | ~succeeds(adv_small)).all())  # every image that succeeded still does
+    assert succeeds(adv_large).float().mean() == pytest.approx(large.success)
 
 
 def test_sweep_and_config():
