@@ -291,24 +291,36 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
               help="Images per attack batch (one shard of an attack set).")
 @click.option("--shard-size", default=512, show_default=True, type=click.IntRange(min=1),
               help="Images per mask shard (the unit of resuming and of splitting work under torchrun).")
+@click.option("--calibrate-on", default="test", show_default=True, type=click.Choice(["test", "train"]),
+              help="Clean images that set the threshold: test images beside the held-out ones (never seen by the "
+                   "classifier), or the last 20% of the training images.")
+@click.option("--n-calibration", default=1000, show_default=True, type=click.IntRange(min=10),
+              help="Test images for --calibrate-on test.")
+@click.option("--recovery", "recovery_method", default="denoise", show_default=True,
+              type=click.Choice(["denoise", "mask"]),
+              help="How the detector recovers labels: a light blur, or the image's deletion mask applied back.")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
-          data_dir: str | None, attack_batch: int, shard_size: int, device: str, seed: int, as_json: bool,
-          **options: Any) -> None:
+          data_dir: str | None, attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
+          recovery_method: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
+    from .recovery import RecoveryConfig
     from .training import run_train
 
     report = run_train(model=model_arg(model, dict(options, device=device)), attack=attack, eps=eps, n=n,
                        n_eval=n_eval, out=out, transfer=transfer,
                        mask_config=mask_config(seed, **pop_mask_options(options)), data_dir=data_dir, seed=seed,
-                       device=device, progress=True, batch_size=attack_batch, shard_size=shard_size)
+                       device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
+                       recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
+                       n_calibration=n_calibration)
     emit(report.to_dict(), as_json, render_train)
 
 
 def render_train(r: dict[str, Any]) -> str:
-    lines = [f"detector -> {r['out']} (threshold {r['threshold']:.3f} at {pct(r['calibration_fpr'])} FPR), "
+    lines = [f"detector -> {r['out']} (threshold {r['threshold']:.3f} at {pct(r['calibration_fpr'])} FPR on "
+             f"{r['n_calibration']} clean {r['calibrated_on']} images), "
              f"{r['n_train']} training / {r['n_eval']} held-out images, {r['seconds']:.0f}s"]
     for name, m in r["metrics"].items():
         tag = "" if m["trained_on"] else " (transfer)"
@@ -344,21 +356,24 @@ def detect(images: tuple[str, ...], detector_dir: str, model: str | None, device
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Before/after figure (.png).")
+@click.option("--method", default=None, type=click.Choice(["denoise", "mask"]),
+              help="Recovery method [default: the detector's]: a light blur, or the image's mask applied back.")
 @model_file_options
 @common_options
-def recover(image: str, detector_dir: str, model: str | None, out: str | None, device: str, seed: int,
-            as_json: bool, **files: Any) -> None:
-    """Apply the image's mask back to it and report the recovered top-1 and top-5."""
+def recover(image: str, detector_dir: str, model: str | None, out: str | None, method: str | None, device: str,
+            seed: int, as_json: bool, **files: Any) -> None:
+    """Recover the label of a (flagged) image and report the recovered top-1 and top-5."""
     from .inference import recover_image
 
     torch_seed(seed)
     r = recover_image(image, detector_dir, model=model_arg(model, dict(files, device=device)), out=out,
-                      device=device)
+                      device=device, method=method)
     emit(r, as_json, lambda r: "\n".join(
         [*(f"note: {n}" for n in r["notes"]),
          f"{r['image']}: predicted {r['prediction']} ({pct(r['confidence'])}), "
          f"{'ADVERSARIAL' if r['adversarial'] else 'clean'} (score {r['score']:+.2f})",
-         f"recovered: {r['recovered']}; top-5: "
+         *([f"ruled out: {r['ruled_out']} (the flagged prediction)"] if r["ruled_out"] else []),
+         f"recovered ({r['method']}): {r['recovered']}; top-5: "
          + ", ".join(f"{t['class']} {pct(t['probability'])}" for t in r["recovered_top5"]),
          *([f"figure: {r['figure']}"] if r["figure"] else [])]))
 

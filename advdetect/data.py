@@ -93,17 +93,23 @@ def list_image_folder(folder: str | os.PathLike) -> tuple[list[Path], list[int],
     return files, labels, classes
 
 
-def subset_indices(total: int, n: int | None, seed: int) -> torch.Tensor:
-    """A deterministic subset of ``range(total)``: the first ``n`` of a seeded permutation.
+def subset_indices(total: int, n: int | None, seed: int, offset: int = 0) -> torch.Tensor:
+    """A deterministic subset of ``range(total)``: ``n`` indices of a seeded permutation from ``offset`` on.
 
-    With ``n`` None (or >= total) every index is returned in order.
+    With ``n`` None (or >= total) and no offset every index is returned in order. Subsets of
+    one seed at different offsets never overlap (e.g. evaluation images at offset 0 and
+    calibration images right after them).
     """
     if n is not None and n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    if n is None or n >= total:
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    if offset == 0 and (n is None or n >= total):
         return torch.arange(total)
+    if n is None or offset + n > total:
+        raise ValueError(f"asked for {n} images from position {offset} of {total}: there are only {total}")
     gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(total, generator=gen)[:n]
+    return torch.randperm(total, generator=gen)[offset:offset + n]
 
 
 def _decode(path: Path, size: tuple[int, int] | None) -> torch.Tensor:
@@ -118,6 +124,7 @@ def load_image_folder(
     seed: int = 0,
     size: tuple[int, int] | None = None,
     progress: bool = False,
+    offset: int = 0,
 ) -> ImageSet:
     """Load (a seeded subset of) an ImageFolder tree as float32 images in [0, 1].
 
@@ -126,7 +133,7 @@ def load_image_folder(
     from tqdm.auto import tqdm
 
     files, labels, classes = list_image_folder(folder)
-    idx = subset_indices(len(files), n, seed).tolist()
+    idx = subset_indices(len(files), n, seed, offset).tolist()
     decoded = []
     for i in tqdm(idx, desc=f"loading {Path(folder).name}", unit="img", disable=not (progress and context().is_main), leave=False):
         decoded.append(_decode(files[i], size))
@@ -157,14 +164,15 @@ def load_cifar10(
     data_dir: str | os.PathLike | None = None,
     download: bool = True,
     progress: bool = False,
+    offset: int = 0,
 ) -> ImageSet:
-    """CIFAR-10 ``split`` ("train" or "test"), optionally a seeded subset of ``n`` images."""
+    """CIFAR-10 ``split`` ("train" or "test"), optionally a seeded subset of ``n`` images (see subset_indices)."""
     if split not in SPLITS:
         raise UnknownNameError("split", split, list(SPLITS))
     root = resolve_data_root(data_dir)
     folder = _image_folder_split(root, split)
     if folder is not None:
-        result = load_image_folder(folder, n=n, seed=seed, progress=progress)
+        result = load_image_folder(folder, n=n, seed=seed, progress=progress, offset=offset)
         if result.classes != CIFAR10_CLASSES:
             raise AdvDetectError(f"{folder} does not hold the 10 CIFAR-10 class folders (found {result.classes[:12]})")
         return result
@@ -174,7 +182,7 @@ def load_cifar10(
             images, labels = _load_torchvision_cifar(root, split, download=download)
         except (OSError, DataNotFoundError) as exc:
             raise DataNotFoundError(_not_found_message(root, f"download failed: {exc}")) from exc
-        idx = subset_indices(len(labels), n, seed)
+        idx = subset_indices(len(labels), n, seed, offset)
         return ImageSet(images[idx].float().div_(255.0), labels[idx], CIFAR10_CLASSES, str(tv_dir))
     raise DataNotFoundError(_not_found_message(root, "downloads are off"))
 
@@ -198,10 +206,12 @@ def load_dataset(
     input_size: tuple[int, int] | None = None,
     download: bool = True,
     progress: bool = False,
+    offset: int = 0,
 ) -> ImageSet:
     """Load a named dataset, or any ImageFolder directory when ``data_path`` is given."""
     if data_path is not None:
-        return load_image_folder(data_path, n=n, seed=seed, size=input_size, progress=progress)
+        return load_image_folder(data_path, n=n, seed=seed, size=input_size, progress=progress, offset=offset)
     if dataset not in DATASETS:
         raise UnknownNameError("dataset", dataset, list(DATASETS))
-    return load_cifar10(split, n=n, seed=seed, data_dir=data_dir, download=download, progress=progress)
+    return load_cifar10(split, n=n, seed=seed, data_dir=data_dir, download=download, progress=progress,
+                        offset=offset)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -12,6 +13,7 @@ from .detector import load_detector
 from .errors import AdvDetectError
 from .imageio import load_image
 from .masks import MaskConfig, make_explainer
+from .recovery import RecoveryConfig, recover
 from .models import ModelWrapper, resolve_model
 
 
@@ -29,6 +31,16 @@ def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, de
 def recovery_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:
     """The deletion masks a detector's recovery uses (recorded in detector.json since preservation detectors)."""
     return MaskConfig.from_dict(meta["recovery_config"]) if "recovery_config" in meta else config.for_recovery()
+
+
+def recovery_settings(meta: dict[str, Any], method: str | None = None) -> RecoveryConfig:
+    """The detector's recovery method (detector.json's "recovery"; older detectors get the default),
+    with ``method`` overriding it."""
+    try:
+        settings = RecoveryConfig.from_dict(meta.get("recovery", {}))
+        return settings if method is None else replace(settings, method=method)
+    except (TypeError, ValueError) as exc:
+        raise AdvDetectError(f"bad recovery settings: {exc}") from exc
 
 
 def _load_batch(paths: Sequence[str | os.PathLike], wrapper: ModelWrapper) -> tuple[torch.Tensor, list[list[str]]]:
@@ -60,29 +72,46 @@ def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.Pat
 
 
 def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
-                  out: str | os.PathLike | None = None, device: str = "auto") -> dict[str, Any]:
-    """The image's prediction, its mask applied back, and the recovered top-1 / top-5."""
+                  out: str | os.PathLike | None = None, device: str = "auto", method: str | None = None) -> dict[str, Any]:
+    """The image's prediction and verdict, and the recovered top-1 / top-5 (``method``: the detector's by default).
+
+    If the detector flags the image, its prediction is ruled out of the recovered ranking
+    (unless the detector's recovery settings say otherwise).
+    """
     from .plots import explanation_figure
 
     wrapper, detector, meta, config = _setup(detector_dir, model, device)
+    settings = recovery_settings(meta, method)
     x, notes = _load_batch([path], wrapper)
     detection = make_explainer(wrapper, config).attribute(x)
-    rec_config = recovery_config(meta, config)
-    explainer = make_explainer(wrapper, rec_config)
-    result = detection if rec_config == config else explainer.attribute(x)
-    with torch.no_grad():
-        perturbed = explainer.perturb(x, result.masks)
-    probs = wrapper.logits(torch.cat([x, perturbed])).softmax(1).cpu()
-    before, after = probs[0], probs[1]
-    classes = wrapper.info.classes
-    top5 = after.topk(min(5, len(classes))).indices.tolist()
     score = float(detector.decision_function(detection.masks.cpu())[0])
+    flagged = score > detector.threshold_
+    shown = detection
+    if settings.method == "mask":
+        rec_config = recovery_config(meta, config)
+        shown = detection if rec_config == config else make_explainer(wrapper, rec_config).attribute(x)
+    before = wrapper.logits(x).softmax(1).cpu()[0]
+    predicted = int(before.argmax())
+    rec = recover(wrapper, x, shown.masks, settings, mask_config=recovery_config(meta, config),
+                  predicted=torch.tensor([predicted]), flagged=torch.tensor([flagged]))
+    after = rec.logits.softmax(1)[0]
+    ruled_out = predicted if settings.exclude_flagged and flagged else None
+    if ruled_out is not None:
+        after[ruled_out] = 0.0
+        after = after / after.sum()
+    classes = wrapper.info.classes
+    top5 = rec.top5[0].tolist()
     if out is not None:
-        explanation_figure(x[0].cpu(), result.masks[0].cpu(), perturbed[0].cpu(), before, after, classes,
-                           int(result.targets[0]), out, title="recovery: the image's mask applied back")
+        title = ("recovery: the image's mask applied back" if settings.method == "mask"
+                 else f"recovery: light blur (sigma {settings.sigma:g} px)")
+        if ruled_out is not None:
+            title += f", flagged label {classes[ruled_out]} ruled out"
+        explanation_figure(x[0].cpu(), shown.masks[0].cpu(), rec.images[0], before, after, classes, predicted, out,
+                           title=title)
     return {
-        "image": str(path), "prediction": classes[int(before.argmax())], "confidence": float(before.max()),
-        "score": score, "adversarial": score > detector.threshold_,
+        "image": str(path), "prediction": classes[predicted], "confidence": float(before.max()),
+        "score": score, "adversarial": flagged, "method": settings.method,
+        "ruled_out": classes[ruled_out] if ruled_out is not None else None,
         "recovered": classes[top5[0]], "recovered_top5": [{"class": classes[i], "probability": float(after[i])}
                                                          for i in top5],
         "figure": str(out) if out else None, "notes": notes[0],

@@ -1,44 +1,102 @@
-"""Label recovery: apply an image's own mask back to it and classify again.
+"""Label recovery: give back the label the classifier would have given a flagged image.
 
-For an adversarial image, the deletion mask of its (adversarial) prediction blurs away the
-evidence for that class, so the classifier often falls back to the label it gave the clean
-image (Fong & Vedaldi 2017, section 6).
+Two methods (:class:`RecoveryConfig`):
+
+- ``"mask"`` (Fong & Vedaldi 2017, section 6): apply the image's own deletion mask back to it
+  (blur where the mask deletes) and classify again. The mask deletes the evidence for the
+  (adversarial) prediction, so the classifier may fall back to the clean label.
+- ``"denoise"`` (the default): blur the whole image lightly (Gaussian, ``sigma`` pixels), which
+  washes out much of an L-inf perturbation while keeping the object, and classify again.
+
+With ``exclude_flagged`` the prediction of an image the detector flags is ruled out of the
+recovered ranking: the detector says that label is the adversary's. On the built-in CIFAR-10
+model and BIM 8/255 the light blur with the flagged label ruled out recovers the clean label
+far more often than the mask does (README, "Detect and recover"); the mask's deleted regions
+overlap the object, so blurring them removes the clean class's evidence too.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
 
 from .masks import MaskConfig, make_explainer
+from .masks.perturbation import gaussian_blur
 from .models.wrapper import ModelWrapper
+
+RECOVERY_METHODS = ("denoise", "mask")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    method: str = "denoise"
+    sigma: float = 0.75  # blur of "denoise", in pixels (tuned on the CIFAR-10 training split)
+    exclude_flagged: bool = True  # rule the flagged prediction out of the recovered ranking
+
+    def __post_init__(self) -> None:
+        if self.method not in RECOVERY_METHODS:
+            raise ValueError(f"unknown recovery method {self.method!r}; choose one of {', '.join(RECOVERY_METHODS)}")
+        if not 0 < self.sigma <= 16:
+            raise ValueError(f"recovery sigma must lie in (0, 16] pixels, got {self.sigma}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RecoveryConfig:
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown recovery settings: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+PAPER_RECOVERY = RecoveryConfig(method="mask", exclude_flagged=False)
 
 
 @dataclass
 class Recovery:
-    logits: torch.Tensor  # N x K on the masked images
-    top5: torch.Tensor  # N x 5 class indices, best first
+    logits: torch.Tensor  # N x K on the recovered images
+    top5: torch.Tensor  # N x 5 class indices, best first (ruled-out labels last)
+    images: torch.Tensor  # N x C x H x W, what was classified
 
     @property
     def top1(self) -> torch.Tensor:
         return self.top5[:, 0]
 
 
-def recover(model: ModelWrapper, images: torch.Tensor, masks: torch.Tensor, config: MaskConfig | None = None) -> Recovery:
-    """Classify ``images`` with their ``masks`` applied (the config's perturbation)."""
-    explainer = make_explainer(model, config or MaskConfig())
+def recover(model: ModelWrapper, images: torch.Tensor, masks: torch.Tensor | None = None,
+            config: RecoveryConfig | None = None, mask_config: MaskConfig | None = None,
+            predicted: torch.Tensor | None = None, flagged: torch.Tensor | None = None) -> Recovery:
+    """Recovered logits and top-5 of ``images``.
+
+    ``masks`` (deletion masks under ``mask_config``) are needed by the ``"mask"`` method only.
+    ``predicted`` (the labels the classifier gave ``images``) is ruled out where ``flagged``
+    (all images when None) if ``config.exclude_flagged``.
+    """
+    config = config or RecoveryConfig()
     with torch.no_grad():
-        perturbed = explainer.perturb(images, masks.to(images.device))
-    logits = model.logits(perturbed).cpu()
-    return Recovery(logits, logits.topk(min(5, logits.shape[1]), dim=1).indices)
+        if config.method == "mask":
+            if masks is None:
+                raise ValueError("mask recovery needs the images' deletion masks")
+            explainer = make_explainer(model, mask_config or MaskConfig())
+            recovered = explainer.perturb(images, masks.to(images.device))
+        else:
+            recovered = gaussian_blur(images, config.sigma)
+    logits = model.logits(recovered).cpu()
+    ranked = logits.clone()
+    if config.exclude_flagged and predicted is not None:
+        rows = torch.ones(len(ranked), dtype=torch.bool) if flagged is None else flagged.cpu().bool()
+        ranked[rows, predicted.cpu()[rows]] = float("-inf")
+    return Recovery(logits, ranked.topk(min(5, ranked.shape[1]), dim=1).indices, recovered.cpu())
 
 
 @dataclass
 class RecoveryMetrics:
     """Fractions over successful adversarial images (recovery) and clean images (harm)."""
 
+    method: str
     n_adversarial: int
     recovery_top1: float  # recovered top-1 == the clean prediction
     recovery_top5: float  # clean prediction within the recovered top-5
@@ -46,7 +104,9 @@ class RecoveryMetrics:
     recovery_ground_truth_top5: float
     n_clean: int
     harm: float  # detect-then-recover: clean, correctly classified images whose label the pipeline changes
-    harm_unconditional: float  # the mask applied to every clean correct image changes its label
+    harm_unconditional: float  # recovery (nothing ruled out) applied to every clean correct image changes its label
+    mask_recovery_top1: float  # the paper's recovery (deletion mask applied back), for reference
+    mask_recovery_top5: float
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,32 +115,45 @@ class RecoveryMetrics:
 def recovery_metrics(model: ModelWrapper, clean: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
                      clean_pred: torch.Tensor, adv_pred: torch.Tensor, clean_masks: torch.Tensor,
                      adv_masks: torch.Tensor, clean_flagged: torch.Tensor | None = None,
-                     config: MaskConfig | None = None) -> RecoveryMetrics:
+                     mask_config: MaskConfig | None = None, recovery: RecoveryConfig | None = None) -> RecoveryMetrics:
     """Recovery over successful attacks and harm over correctly classified clean images.
 
-    ``clean_flagged`` (bool per image) says which clean images the detector flags; only those
-    are "recovered" in the deployed pipeline, so only those can be harmed.
+    Recovery treats every successful adversarial image as flagged (it measures what the
+    pipeline gives back once the detector has flagged an image). ``clean_flagged`` (bool per
+    image) says which clean images the detector flags; only those are "recovered" in the
+    deployed pipeline, so only those can be harmed.
     """
+    recovery = recovery or RecoveryConfig()
     correct = clean_pred == labels
     success = correct & (adv_pred != labels)
     device = model.device
-    rec_adv = recover(model, adv[success].to(device), adv_masks[success], config)
+    adv_s, adv_pred_s = adv[success].to(device), adv_pred[success]
+    rec_adv = recover(model, adv_s, adv_masks[success], recovery, mask_config, predicted=adv_pred_s)
+    paper = rec_adv if recovery == PAPER_RECOVERY else recover(model, adv_s, adv_masks[success], PAPER_RECOVERY,
+                                                               mask_config)
     truth = labels[success].cpu()
     clean_label = clean_pred[success].cpu()
-    rec_clean = recover(model, clean[correct].to(device), clean_masks[correct], config)
-    changed = rec_clean.top1 != clean_pred[correct].cpu()
-    flagged = clean_flagged[correct.cpu()] if clean_flagged is not None else torch.ones_like(changed)
+    flagged = (clean_flagged[correct.cpu()].bool() if clean_flagged is not None
+               else torch.ones(int(correct.sum()), dtype=torch.bool))
+    clean_c, pred_c = clean[correct].to(device), clean_pred[correct].cpu()
+    rec_clean = recover(model, clean_c, clean_masks[correct], recovery, mask_config, predicted=pred_c, flagged=flagged)
+    plain = replace(recovery, exclude_flagged=False)
+    rec_plain = rec_clean if plain == recovery else recover(model, clean_c, clean_masks[correct], plain, mask_config)
 
     def frac(x: torch.Tensor) -> float:
         return float(x.float().mean()) if x.numel() else float("nan")
 
     return RecoveryMetrics(
+        method=recovery.method,
         n_adversarial=int(success.sum()),
         recovery_top1=frac(rec_adv.top1 == clean_label),
         recovery_top5=frac((rec_adv.top5 == clean_label[:, None]).any(1)),
         recovery_ground_truth=frac(rec_adv.top1 == truth),
         recovery_ground_truth_top5=frac((rec_adv.top5 == truth[:, None]).any(1)),
         n_clean=int(correct.sum()),
-        harm=frac(changed & flagged.bool()),
-        harm_unconditional=frac(changed),
+        harm=frac((rec_clean.top1 != pred_c) & flagged),
+        harm_unconditional=frac(rec_plain.top1 != pred_c),
+        mask_recovery_top1=frac(paper.top1 == clean_label),
+        mask_recovery_top5=frac((paper.top5 == clean_label[:, None]).any(1)),
     )
+

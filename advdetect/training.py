@@ -33,10 +33,14 @@ from .detector import MaskDetector, detection_metrics, save_detector
 from .masks import MaskConfig
 from .maskset import compute_mask_set, load_mask_set
 from .models.wrapper import ModelWrapper
-from .recovery import recovery_metrics
+from .recovery import RecoveryConfig, recovery_metrics
 from .storage import write_json
 
 log = logging.getLogger(__name__)
+
+
+CALIBRATION_SOURCES = ("test", "train")
+CIFAR10_TEST_SIZE = 10_000
 
 
 @dataclass
@@ -47,6 +51,8 @@ class TrainReport:
     n_train: int
     n_eval: int
     threshold: float
+    calibrated_on: str  # "test" (clean test images beside the evaluation ones) or "train"
+    n_calibration: int  # clean, correctly classified images the threshold was set on
     calibration_fpr: float
     metrics: dict[str, Any]  # per attack: detection + recovery on held-out test images
     seconds: float
@@ -65,18 +71,21 @@ def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
 
 def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int, seed: int, work: Path,
                   mask_config: MaskConfig, data_dir: str | os.PathLike | None, batch_size: int,
-                  progress: bool, reuse_clean_from: Path | None = None, shard_size: int = 512) -> Path:
+                  progress: bool, reuse_clean_from: Path | None = None, shard_size: int = 512, offset: int = 0,
+                  name: str | None = None) -> Path:
     """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory.
 
     ``reuse_clean_from``: an earlier split over the same images, whose clean masks are reused.
+    ``offset``/``name``: images ``offset..offset+n`` of the seeded order, in ``work/<name>-<attack>``.
     """
-    directory = work / f"{split}-{attack.name}"
-    data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress)
+    directory = work / f"{name or split}-{attack.name}"
+    data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress, offset=offset)
+    description = {"dataset": "cifar10", "split": split, "n": n, "seed": seed, **({"offset": offset} if offset else {})}
     generate_attack_set(model, data, attack, directory, batch_size=batch_size, seed=seed, progress=progress,
-                        data_description={"dataset": "cifar10", "split": split, "n": n, "seed": seed})
+                        data_description=description)
     compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from,
                      shard_size=shard_size)
-    if split == "test" and mask_config.for_recovery() != mask_config:  # recovery needs deletion masks
+    if name is None and split == "test" and mask_config.for_recovery() != mask_config:  # mask recovery
         compute_mask_set(model, directory, config=mask_config.for_recovery(), progress=progress,
                          reuse_clean_from=reuse_clean_from, shard_size=shard_size)
     return directory
@@ -95,7 +104,7 @@ def labelled_masks(directory: Path, include_clean: bool = True, kind: str = "del
 
 
 def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
-                   mask_config: MaskConfig) -> dict[str, Any]:
+                   mask_config: MaskConfig, recovery: RecoveryConfig | None = None) -> dict[str, Any]:
     """Detection and recovery metrics on one held-out attack set."""
     s = load_attack_set(directory)
     m = load_mask_set(directory, mask_config.kind)
@@ -108,7 +117,7 @@ def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
     rec_config = mask_config.for_recovery()
     r = load_mask_set(directory, rec_config.kind)
     recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, r["clean_mask"],
-                                r["adv_mask"], clean_flagged=flagged, config=rec_config)
+                                r["adv_mask"], clean_flagged=flagged, mask_config=rec_config, recovery=recovery)
     attack = s.manifest["job"]["attack"]
     return {"attack": attack, **s.manifest["metrics"], **detection, **recovery.to_dict()}
 
@@ -117,14 +126,28 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    mask_config: MaskConfig | None = None, detector: MaskDetector | None = None,
                    transfer: list[AttackConfig] | None = None, calibration_fraction: float = 0.2,
                    data_dir: str | os.PathLike | None = None, batch_size: int = 256, seed: int = 0,
-                   progress: bool = True, shard_size: int = 512) -> TrainReport:
-    """Run the whole pipeline and save the detector under ``out``; return the held-out report."""
+                   progress: bool = True, shard_size: int = 512,
+                   recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
+                   n_calibration: int = 1000) -> TrainReport:
+    """Run the whole pipeline and save the detector under ``out``; return the held-out report.
+
+    ``calibrate_on="test"`` sets the threshold on ``n_calibration`` clean CIFAR-10 test images
+    disjoint from the ``n_eval`` evaluation images; ``"train"`` on the last
+    ``calibration_fraction`` of the training images (which the classifier was trained on, so
+    it is more confident on them and the held-out false-positive rate comes out higher).
+    """
     if not 0 < calibration_fraction < 1:
         raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+    if calibrate_on not in CALIBRATION_SOURCES:
+        raise ValueError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
+    if calibrate_on == "test" and n_eval + n_calibration > CIFAR10_TEST_SIZE:
+        raise ValueError(f"n_eval + n_calibration ({n_eval} + {n_calibration}) exceeds the {CIFAR10_TEST_SIZE} "
+                         "CIFAR-10 test images")
     start = time.time()
     out = Path(out)
     work = out / "work"
     mask_config = mask_config or MaskConfig()
+    recovery = recovery or RecoveryConfig()
     detector = detector or MaskDetector(seed=seed, device=str(model.device))
 
     train_dirs: list[Path] = []
@@ -132,8 +155,10 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         train_dirs.append(prepare_split(model, a, "train", n, seed, work, mask_config, data_dir, batch_size, progress,
                                         reuse_clean_from=train_dirs[0] if train_dirs else None,
                                         shard_size=shard_size))
-    # images are split by index: the first part fits the detector, the rest calibrates it
-    n_fit = int(round(n * (1 - calibration_fraction)))
+    # "train": the training images are split by index, the first part fits, the rest calibrates.
+    # "test": every training image fits; clean test images right after the evaluation images calibrate
+    # (images the classifier never saw, like those it will be deployed on).
+    n_fit = n if calibrate_on == "test" else int(round(n * (1 - calibration_fraction)))
     fit_clean, fit_adv, cal_clean = [], [], []
     for i, directory in enumerate(train_dirs):
         lm = labelled_masks(directory, include_clean=(i == 0), kind=mask_config.kind)
@@ -141,6 +166,10 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         if i == 0:
             fit_clean.append(lm["clean"][lm["clean_index"] < n_fit])
             cal_clean.append(lm["clean"][lm["clean_index"] >= n_fit])
+    if calibrate_on == "test":
+        cal_dir = prepare_split(model, attacks[0], "test", n_calibration, seed + 1, work, mask_config, data_dir,
+                                batch_size, progress, shard_size=shard_size, offset=n_eval, name="calibration")
+        cal_clean = [labelled_masks(cal_dir, kind=mask_config.kind)["clean"]]
     clean = torch.cat(fit_clean)
     adv = _balanced(fit_adv, len(clean), seed)
     X = torch.cat([clean, adv])
@@ -154,18 +183,20 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         directory = prepare_split(model, a, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
                                   progress, reuse_clean_from=first_test, shard_size=shard_size)
         first_test = first_test or directory
-        metrics[a.name] = evaluate_split(model, detector, directory, mask_config)
+        metrics[a.name] = evaluate_split(model, detector, directory, mask_config, recovery)
         metrics[a.name]["trained_on"] = a in attacks
     report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],
                          n_train=n, n_eval=n_eval, threshold=detector.threshold_,
+                         calibrated_on=calibrate_on, n_calibration=int(sum(len(c) for c in cal_clean)),
                          calibration_fpr=detector.calibration_fpr_, metrics=metrics,
                          seconds=round(time.time() - start, 1))
     ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it
     if ctx.is_main:
         save_detector(out, detector, model.info.identity(), mask_config,
-                      extra={"recovery_config": mask_config.for_recovery().to_dict(),
+                      extra={"recovery_config": mask_config.for_recovery().to_dict(), "recovery": recovery.to_dict(),
                              "attacks": report.attacks, "metrics": metrics, "history": detector.history_,
-                             "n_train": n, "n_eval": n_eval, "seed": seed})
+                             "n_train": n, "n_eval": n_eval, "calibrated_on": calibrate_on,
+                             "n_calibration": report.n_calibration, "seed": seed})
         write_json(out / "report.json", report.to_dict())
     ctx.barrier()
     return report
@@ -182,7 +213,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
               n_eval: int = 2000, out: str | os.PathLike = "detector", transfer: str | None = None,
               mask_config: MaskConfig | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
               device: str = "auto", progress: bool = True, batch_size: int = 256,
-              shard_size: int = 512) -> TrainReport:
+              shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
+              n_calibration: int = 1000) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`."""
     from .models import resolve_model
 
@@ -192,4 +224,5 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
                           transfer=transfer_attacks, data_dir=data_dir, seed=seed, progress=progress,
                           detector=MaskDetector(seed=seed, device=str(wrapper.device)), batch_size=batch_size,
-                          shard_size=shard_size)
+                          shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
+                          n_calibration=n_calibration)

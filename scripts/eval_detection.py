@@ -8,8 +8,9 @@ Trains (or, when ``--out`` already holds the finished stages, reuses) a detector
 eps 8/255 for the built-in model, evaluates it on held-out CIFAR-10 test images, also under
 FGSM and PGD (transfer), and prints one JSON object: ``accuracy``, ``roc_auc``,
 ``tpr_at_5fpr``, ``tpr_at_1fpr``, ``recovery_top1``, ``recovery_top5``,
-``recovery_ground_truth``, ``harm`` (fractions) for the training attack, and the same under
-``transfer`` for each other attack.
+``recovery_ground_truth``, ``harm``, ``mask_recovery_top1/5`` (the paper's recovery, for
+reference) (fractions) for the training attack, and the same under ``transfer`` for each
+other attack.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advdetect.masks import MaskConfig  # noqa: E402
+from advdetect.recovery import RECOVERY_METHODS, RecoveryConfig  # noqa: E402
 from advdetect.training import run_train  # noqa: E402
 
 KEYS = ("accuracy", "roc_auc", "tpr_at_5fpr", "tpr_at_1fpr", "recovery_top1", "recovery_top5",
-        "recovery_ground_truth", "harm", "harm_unconditional", "n_clean", "n_adversarial", "success_rate",
+        "recovery_ground_truth", "harm", "harm_unconditional", "mask_recovery_top1", "mask_recovery_top5", "n_clean", "n_adversarial", "success_rate",
         "clean_accuracy")
 
 
@@ -42,18 +44,26 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--game", default="delete", choices=["delete", "preserve"],
-                   help="masks the detector reads (recovery always uses deletion masks)")
+                   help="masks the detector reads (mask recovery always uses deletion masks)")
+    p.add_argument("--recovery", default="denoise", choices=list(RECOVERY_METHODS),
+                   help="recovery method: a light blur with the flagged label ruled out, or the paper's mask")
+    p.add_argument("--calibrate-on", default="test", choices=["test", "train"],
+                   help="clean images that set the threshold (test: beside the held-out ones)")
+    p.add_argument("--n-calibration", type=int, default=1000)
     args = p.parse_args()
     report = run_train(model=args.model, attack=args.attack, eps=args.eps, n=args.n, n_eval=args.n_eval,
                        out=args.out, transfer=args.transfer or None, data_dir=args.data_dir, seed=args.seed,
                        device=args.device, progress=sys.stderr.isatty(),
-                       mask_config=MaskConfig(game=args.game, seed=args.seed)).to_dict()
+                       mask_config=MaskConfig(game=args.game, seed=args.seed),
+                       recovery=RecoveryConfig(method=args.recovery), calibrate_on=args.calibrate_on,
+                       n_calibration=args.n_calibration).to_dict()
     main_attack = args.attack.split(",")[0]
     result = {k: report["metrics"][main_attack][k] for k in KEYS}
     result["transfer"] = {name: {k: m[k] for k in KEYS} for name, m in report["metrics"].items()
                           if not m["trained_on"]}
-    result.update(game=args.game, attack=main_attack, eps=args.eps, n_train=args.n, n_eval=args.n_eval, threshold=report["threshold"],
-                  calibration_fpr=report["calibration_fpr"], seconds=report["seconds"], out=args.out)
+    result.update(game=args.game, recovery=args.recovery, attack=main_attack, eps=args.eps, n_train=args.n,
+                  n_eval=args.n_eval, threshold=report["threshold"], calibrated_on=report["calibrated_on"],
+                  n_calibration=report["n_calibration"], calibration_fpr=report["calibration_fpr"], seconds=report["seconds"], out=args.out)
     print(json.dumps(result))
 
 

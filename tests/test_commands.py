@@ -32,8 +32,8 @@ def last_json(result):
 @pytest.fixture(scope="module")
 def detector_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("det")
-    result = run("train", "--n", "120", "--n-eval", "60", "--out", str(out), "--data-dir", str(SHARED_DATA),
-                 "--transfer", "fgsm", "--json", *FAST_MASKS)
+    result = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
+                 str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     return out, last_json(result)
 
@@ -49,9 +49,33 @@ def test_train_report_and_artifacts(detector_dir):
     meta = json.loads((out / "detector.json").read_text())
     assert meta["classifier"]["name"] == "cifar10-cnn" and meta["mask_config"]["iterations"] == 40
     # rerunning reuses every finished stage and gives the same report
-    again = run("train", "--n", "120", "--n-eval", "60", "--out", str(out), "--data-dir", str(SHARED_DATA),
-                "--transfer", "fgsm", "--json", *FAST_MASKS)
+    again = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
+                str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
     assert again.exit_code == 0 and last_json(again)["metrics"]["bim"]["roc_auc"] == m["roc_auc"]
+
+
+def test_threshold_is_calibrated_on_unseen_test_images(detector_dir):
+    """Calibration images: clean test images the classifier never saw, none of them an evaluation image."""
+    out, report = detector_dir
+    assert report["calibrated_on"] == "test" and 30 <= report["n_calibration"] <= 40
+    cal = load_attack_set(out / "work" / "calibration-bim")
+    test = load_attack_set(out / "work" / "test-bim")
+    assert len(cal.clean) == 40 and cal.manifest["job"]["data"]["split"] == "test"
+    flat_cal, flat_test = cal.clean.flatten(1), test.clean.flatten(1)
+    assert not bool((torch.cdist(flat_cal, flat_test).min(1).values == 0).any())  # disjoint from the evaluation
+    train = load_attack_set(out / "work" / "train-bim")
+    assert not bool((torch.cdist(flat_cal, train.clean.flatten(1)).min(1).values == 0).any())
+    # the threshold flags at most 5% of the calibration images' clean masks
+    from advdetect.detector import load_detector
+    from advdetect.training import labelled_masks
+
+    detector, meta = load_detector(out)
+    cal_masks = labelled_masks(out / "work" / "calibration-bim", kind="delete")["clean"]
+    assert len(cal_masks) == report["n_calibration"]
+    assert (detector.decision_function(cal_masks) > detector.threshold_).mean() <= 0.05
+    assert meta["calibrated_on"] == "test" and meta["n_calibration"] == report["n_calibration"]
+    bad = run("train", "--n", "120", "--n-eval", "9500", "--out", str(out / "x"), "--data-dir", str(SHARED_DATA))
+    assert bad.exit_code == 2 and "exceeds the 10000" in bad.output
 
 
 def test_detect_and_recover(detector_dir, tmp_path):
@@ -72,6 +96,16 @@ def test_detect_and_recover(detector_dir, tmp_path):
     assert rec.exit_code == 0, rec.output
     r = last_json(rec)
     assert len(r["recovered_top5"]) == 5 and (tmp_path / "r.png").stat().st_size > 1000
+    assert r["method"] == "denoise" and abs(sum(t["probability"] for t in r["recovered_top5"]) - 1) < 0.2
+    if r["adversarial"]:  # a flagged image's prediction is ruled out
+        assert r["ruled_out"] == r["prediction"] and r["recovered"] != r["prediction"]
+        assert r["prediction"] not in [t["class"] for t in r["recovered_top5"]]
+    else:
+        assert r["ruled_out"] is None
+    mask = last_json(run("recover", str(tmp_path / "adv.png"), "--detector", str(out), "--method", "mask", "--json"))
+    assert mask["method"] == "mask" and mask["score"] == r["score"]
+    bad = run("recover", str(tmp_path / "adv.png"), "--detector", str(out), "--method", "magic")
+    assert bad.exit_code == 2 and "magic" in bad.output
 
 
 def test_detector_for_another_model_is_refused(detector_dir, tmp_path):
@@ -115,7 +149,8 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     from advdetect.masks import MaskConfig, MeaningfulPerturbation
 
     out = tmp_path / "det"
-    result = run("train", "--n", "40", "--n-eval", "20", "--game", "preserve", "--out", str(out), "--data-dir",
+    result = run("train", "--n", "40", "--n-eval", "20", "--n-calibration", "20", "--game", "preserve", "--out",
+                 str(out), "--data-dir",
                  str(SHARED_DATA), "--json", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
@@ -137,6 +172,9 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     monkeypatch.setattr(MeaningfulPerturbation, "attribute", spy)
     data = load_attack_set(out / "work" / "test-bim")
     save_image(data.adv[0], tmp_path / "adv.png")
-    r = inference.recover_image(tmp_path / "adv.png", out)
+    r = inference.recover_image(tmp_path / "adv.png", out, method="mask")
     assert games == ["preserve", "delete"] and len(r["recovered_top5"]) == 5
+    games.clear()
+    inference.recover_image(tmp_path / "adv.png", out)  # the default light blur needs no deletion mask
+    assert games == ["preserve"] and meta["recovery"]["method"] == "denoise"
     assert MaskConfig(game="preserve").for_recovery() == MaskConfig()

@@ -43,6 +43,20 @@ def test_subsets_are_deterministic_per_seed(tmp_path):
     assert subset_indices(10, None, 0).tolist() == list(range(10))
 
 
+def test_subsets_at_offsets_continue_the_same_order(tmp_path):
+    first, later = subset_indices(100, 30, 5), subset_indices(100, 20, 5, offset=30)
+    assert torch.equal(torch.cat([first, later]), subset_indices(100, 50, 5))
+    assert not set(first.tolist()) & set(later.tolist())
+    with pytest.raises(ValueError, match="only 100"):
+        subset_indices(100, 80, 5, offset=30)
+    with pytest.raises(ValueError, match="offset"):
+        subset_indices(100, 10, 5, offset=-1)
+    folder = make_folder(tmp_path / "imgs", per_class=3)
+    a, b = load_image_folder(folder, n=2, seed=1), load_image_folder(folder, n=2, seed=1, offset=2)
+    both = load_image_folder(folder, n=4, seed=1)
+    assert torch.equal(torch.cat([a.images, b.images]), both.images)
+
+
 def test_resize_to_input_size_and_mixed_sizes(tmp_path):
     folder = make_folder(tmp_path / "imgs", per_class=1)
     Image.fromarray(np.zeros((12, 10, 3), np.uint8)).save(folder / "dog" / "big.png")

@@ -5,8 +5,9 @@ Layout of ``out/``::
     report.json  report.html  report.md     the report (see report.py)
     work/<attack>-<eps>/ (+ masks/)          attack sets on CIFAR-10 test images, resumable
 
-Splits. The deployed detector (trained and calibrated on training images) is evaluated on all
-``n`` test images. The transfer matrix, the baselines and the adaptive attacker's surrogate
+Splits. The deployed detector (trained on training images, calibrated on test images after its
+``n_eval`` held-out ones, or on training images) is evaluated on the first ``n`` of the same
+held-out test images (so ``n`` may not exceed the detector's ``n_eval`` when the seeds match). The transfer matrix, the baselines and the adaptive attacker's surrogate
 need training data of their own, so the test images are split by index: the first half fits,
 the second half is evaluated; every method uses the same halves. Baselines run on the first
 ``n_baseline`` images (same rule, halves of that subset).
@@ -35,7 +36,7 @@ from ..errors import AdvDetectError, UnknownNameError
 from ..masks import MaskConfig, make_explainer
 from ..masks.config import METHODS as MASK_METHODS
 from ..maskset import compute_mask_set, load_mask_set
-from ..recovery import recovery_metrics
+from ..recovery import RecoveryConfig, recovery_metrics
 from .adaptive import AdaptiveConfig, evaluate_adaptive, train_surrogate
 from .heatmaps import METHODS, heatmaps
 from .report import json_safe
@@ -45,13 +46,13 @@ log = logging.getLogger(__name__)
 ALL_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")
 THREAT_MODEL = (
     "The defender deploys the classifier behind the mask detector: an input whose "
-    "meaningful-perturbation mask the detector flags is rejected (and its label recovered by "
-    "applying the mask back). Attackers perturb CIFAR-10 test images within an L-inf ball of "
+    "meaningful-perturbation mask the detector flags is rejected (and its label recovered: "
+    "see the recovery settings). Attackers perturb CIFAR-10 test images within an L-inf ball of "
     "radius eps (FGSM, BIM, PGD, MI-FGSM; CW-L2 and DeepFool are unbounded minimal-perturbation "
     "attacks). Non-adaptive attackers know the classifier (white box) but not the detector. The "
     "adaptive attacker knows the classifier, the detector's weights and threshold and the mask "
     "algorithm, and attacks both jointly (PGD through a learned surrogate of the mask optimisation, "
-    "BPDA-style). An attack succeeds when the classifier is wrong and the detector does not flag "
+    "BPDA-style) and checks its candidates on the real pipeline. An attack succeeds when the classifier is wrong and the detector does not flag "
     "the image; detection rates count successful adversarial images only, false positives count "
     "correctly classified clean images."
 )
@@ -181,7 +182,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
                    data_dir: str | os.PathLike | None = None, device: str = "auto",
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate the detector in ``detector_dir``; write report.{json,html,md} under ``out``; return the report."""
-    from ..inference import _setup, recovery_config
+    from ..inference import _setup, recovery_config, recovery_settings
     from .report import write_reports
 
     config = config or EvaluateConfig()
@@ -190,6 +191,12 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     out = Path(out)
     wrapper, detector, meta, mask_config = _setup(detector_dir, None, device)
     rec_config = recovery_config(meta, mask_config)
+    recovery = recovery_settings(meta)
+    calibrated_on = meta.get("calibrated_on", "train")
+    if (calibrated_on == "test" and meta.get("seed") == config.seed and "n_eval" in meta
+            and config.n > meta["n_eval"]):
+        raise AdvDetectError(f"--n {config.n} would take in the detector's calibration images (it holds out "
+                             f"{meta['n_eval']} test images); use --n {meta['n_eval']} or fewer")
     torch.manual_seed(config.seed)
 
     t = time.time()
@@ -219,8 +226,10 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     correct = any_set.correct.numpy()
     clean_section = {"n": int(len(any_set.labels)), "accuracy": float(correct.mean()),
                      "detector_fpr": float((clean_scores[correct] > detector.threshold_).mean()),
-                     "threshold": detector.threshold_, "calibration_fpr": detector.calibration_fpr_}
-    per_attack = {key: _set_metrics(wrapper, detector, rec_config, sd, clean_scores) for key, sd in sets.items()}
+                     "threshold": detector.threshold_, "calibration_fpr": detector.calibration_fpr_,
+                     "calibrated_on": calibrated_on}
+    per_attack = {key: _set_metrics(wrapper, detector, rec_config, recovery, sd, clean_scores)
+                  for key, sd in sets.items()}
     timer.add("detector_metrics", t)
 
     t = time.time()
@@ -255,7 +264,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
         "detector": {"path": str(detector_dir), "classifier": meta["classifier"],
                      "trained_on": meta.get("attacks"), "threshold": detector.threshold_,
                      "calibration_fpr": detector.calibration_fpr_, "mask_config": mask_config.to_dict(),
-                     "recovery_config": rec_config.to_dict()},
+                     "recovery_config": rec_config.to_dict(), "recovery": recovery.to_dict()},
         "config": config.to_dict(),
         "splits": {"detector": f"all {config.n} test images (seed {config.seed + 1})",
                    "fit_half": f"test images 0..{half - 1}", "eval_half": f"test images {half}..{config.n - 1}",
@@ -277,7 +286,7 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     return report
 
 
-def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, sd: SetData,
+def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, recovery: RecoveryConfig, sd: SetData,
                  clean_scores: np.ndarray) -> dict[str, Any]:
     from sklearn.metrics import roc_curve
 
@@ -290,7 +299,7 @@ def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, sd: Se
     rec_clean = sd.clean_mask if sd.rec_clean_mask is None else sd.rec_clean_mask
     rec_adv = sd.adv_mask if sd.rec_adv_mask is None else sd.rec_adv_mask
     rec = recovery_metrics(wrapper, sd.clean, sd.adv, sd.labels, sd.clean_pred, sd.adv_pred, rec_clean, rec_adv,
-                           clean_flagged=flagged, config=rec_config).to_dict()
+                           clean_flagged=flagged, mask_config=rec_config, recovery=recovery).to_dict()
     roc = {}
     if success.any():
         fpr, tpr, _ = roc_curve(labels, scores)
@@ -307,7 +316,8 @@ def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, sd: Se
         "recovery_top1": rec["recovery_top1"], "recovery_top5": rec["recovery_top5"],
         "recovery_ground_truth": rec["recovery_ground_truth"],
         "recovery_ground_truth_top5": rec["recovery_ground_truth_top5"],
-        "n_clean": int(correct.sum()), "n_adversarial": int(success.sum()), "roc": roc,
+        "mask_recovery_top1": rec["mask_recovery_top1"], "mask_recovery_top5": rec["mask_recovery_top5"],
+        "harm": rec["harm"], "n_clean": int(correct.sum()), "n_adversarial": int(success.sum()), "roc": roc,
     }
 
 
@@ -481,7 +491,9 @@ def _adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, sets: li
     successes = [r["success"] for r in sweep_results]
     return {
         "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style); "
-                  "each eps also restarts from the previous eps's result",
+                  "candidates from random restarts and, for each eps, the previous eps's result (as it is and as a "
+                  "start); per image the attacker keeps a candidate that succeeds on the real pipeline (classifier, "
+                  "full mask optimisation, detector), the smallest perturbation first",
         "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
         "restarts": config.adaptive_restarts, "sweep": sweep_results,
         "more_iterations": {"steps": 4 * config.adaptive_steps, "eps": config.main_eps, "result": more,

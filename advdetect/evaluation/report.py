@@ -40,6 +40,8 @@ th { background: #f3f3f3; } td.name, th.name { text-align: left; }
 img { max-width: 100%; } .note { color: #555; font-size: 0.9em; } .win { font-weight: bold; }
 """
 
+CALIBRATION_SOURCE = {"test": "clean test images beside the held-out ones", "train": "clean training images"}
+
 
 def pct(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}%"
@@ -210,7 +212,8 @@ def _tables(report: dict[str, Any]) -> tuple[Html, list[str]]:
           "<th>detector false-positive rate</th><th>threshold</th></tr><tr>"
           f"{h.num('clean|n', str)}{h.num('clean|accuracy')}{h.num('clean|detector_fpr')}"
           f"{h.num('clean|threshold', dec)}</tr></table>"
-          f"<p class=note>calibrated on training images to {pct(c['calibration_fpr'])} FPR</p>")
+          f"<p class=note>calibrated on {CALIBRATION_SOURCE.get(c.get('calibrated_on', 'train'), '?')} to "
+          f"{pct(c['calibration_fpr'])} FPR</p>")
     md += ["## Clean images", "", "| images | classifier accuracy | detector FPR | threshold |", "|---|---|---|---|",
            f"| {c['n']} | {pct(c['accuracy'])} | {pct(c['detector_fpr'])} | {dec(c['threshold'])} |", ""]
 
@@ -219,7 +222,8 @@ def _tables(report: dict[str, Any]) -> tuple[Html, list[str]]:
             ("tpr_at_5fpr", "TPR @5% FPR", pct), ("tpr_at_1fpr", "TPR @1% FPR", pct),
             ("recovery_top1", "recovery top-1", pct), ("recovery_top5", "recovery top-5", pct),
             ("recovery_ground_truth", "truth top-1", pct), ("recovery_ground_truth_top5", "truth top-5", pct),
-            ("n_adversarial", "n adv", str)]
+            ("mask_recovery_top1", "mask recovery top-1", pct), ("mask_recovery_top5", "mask recovery top-5", pct),
+            ("harm", "harm", pct), ("n_adversarial", "n adv", str)]
     h.add("<h2>Attacks</h2><table><tr><th class=name>attack</th>"
           + "".join(f"<th>{html.escape(t)}</th>" for _, t, _ in cols) + "</tr>")
     md += ["## Attacks", "", "| attack | " + " | ".join(t for _, t, _ in cols) + " |",
@@ -228,9 +232,15 @@ def _tables(report: dict[str, Any]) -> tuple[Html, list[str]]:
         h.add(f"<tr><td class=name>{html.escape(key)}</td>"
               + "".join(h.num(f"attacks|{key}|{k}", f) for k, _, f in cols) + "</tr>")
         md.append(f"| {key} | " + " | ".join(f(a[k]) for k, _, f in cols) + " |")
+    rec = report["detector"].get("recovery", {})
+    how = (f"a light blur (sigma {rec.get('sigma', 0):g} px)" if rec.get("method") == "denoise"
+           else "each adversarial image's deletion mask applied back to it")
+    if rec.get("exclude_flagged"):
+        how += ", with the flagged (adversarial) prediction ruled out"
     h.add("</table><p class=note>Detection, ROC and TPR count successful adversarial images against correctly "
-          "classified clean ones; recovery applies each adversarial image's mask back to it (top-1/top-5 of the "
-          "clean prediction, and of the true label).</p>")
+          f"classified clean ones; recovery is {html.escape(how)} (top-1/top-5 of the clean prediction, and of the "
+          "true label); mask recovery is the paper's (the deletion mask applied back, nothing ruled out); harm: "
+          "correctly classified clean images the detector flags and recovery relabels.</p>")
     md += [""]
     return h, md
 

@@ -132,3 +132,15 @@ def test_report_renders_in_a_headless_browser(report_dir, tmp_path):
     body = proc.stdout[proc.stdout.index("<body"):].split(">", 1)[0]
     assert 'data-images-loaded="6/6"' in body, body
     assert 'data-script-errors="0"' in body, body
+
+
+def test_evaluate_refuses_images_the_detector_was_calibrated_on(quick_detector, tmp_path):
+    det = tmp_path / "det"
+    shutil.copytree(quick_detector, det)
+    meta = json.loads((det / "detector.json").read_text())
+    meta.update(calibrated_on="test", n_eval=20, seed=0)
+    (det / "detector.json").write_text(json.dumps(meta))
+    args = ["evaluate", "--detector", str(det), "--out", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA)]
+    result = CliRunner().invoke(main, [*args, "--n", "24"])
+    assert result.exit_code == 2 and "use --n 20 or fewer" in result.output
+    assert not (tmp_path / "r").exists()
