@@ -296,6 +296,8 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
                    "classifier), or the last 20% of the training images.")
 @click.option("--n-calibration", default=1000, show_default=True, type=click.IntRange(min=10),
               help="Test images for --calibrate-on test.")
+@click.option("--fpr", default=0.05, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="False-positive rate the threshold is calibrated to.")
 @click.option("--recovery", "recovery_method", default="denoise", show_default=True,
               type=click.Choice(["denoise", "mask"]),
               help="How the detector recovers labels: a light blur, or the image's deletion mask applied back.")
@@ -304,7 +306,7 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           data_dir: str | None, attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
-          recovery_method: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
+          fpr: float, recovery_method: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -314,7 +316,7 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        mask_config=mask_config(seed, **pop_mask_options(options)), data_dir=data_dir, seed=seed,
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
-                       n_calibration=n_calibration)
+                       n_calibration=n_calibration, fpr=fpr)
     emit(report.to_dict(), as_json, render_train)
 
 

@@ -214,7 +214,7 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
               mask_config: MaskConfig | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
               device: str = "auto", progress: bool = True, batch_size: int = 256,
               shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
-              n_calibration: int = 1000) -> TrainReport:
+              n_calibration: int = 1000, fpr: float = 0.05) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`."""
     from .models import resolve_model
 
@@ -223,6 +223,6 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
     wrapper = resolve_model(model, device)
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
                           transfer=transfer_attacks, data_dir=data_dir, seed=seed, progress=progress,
-                          detector=MaskDetector(seed=seed, device=str(wrapper.device)), batch_size=batch_size,
+                          detector=MaskDetector(seed=seed, device=str(wrapper.device), fpr=fpr), batch_size=batch_size,
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration)

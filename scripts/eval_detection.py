@@ -50,13 +50,14 @@ def main() -> None:
     p.add_argument("--calibrate-on", default="test", choices=["test", "train"],
                    help="clean images that set the threshold (test: beside the held-out ones)")
     p.add_argument("--n-calibration", type=int, default=1000)
+    p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate the threshold is calibrated to")
     args = p.parse_args()
     report = run_train(model=args.model, attack=args.attack, eps=args.eps, n=args.n, n_eval=args.n_eval,
                        out=args.out, transfer=args.transfer or None, data_dir=args.data_dir, seed=args.seed,
                        device=args.device, progress=sys.stderr.isatty(),
                        mask_config=MaskConfig(game=args.game, seed=args.seed),
                        recovery=RecoveryConfig(method=args.recovery), calibrate_on=args.calibrate_on,
-                       n_calibration=args.n_calibration).to_dict()
+                       n_calibration=args.n_calibration, fpr=args.fpr).to_dict()
     main_attack = args.attack.split(",")[0]
     result = {k: report["metrics"][main_attack][k] for k in KEYS}
     result["transfer"] = {name: {k: m[k] for k in KEYS} for name, m in report["metrics"].items()

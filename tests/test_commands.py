@@ -76,6 +76,8 @@ def test_threshold_is_calibrated_on_unseen_test_images(detector_dir):
     assert meta["calibrated_on"] == "test" and meta["n_calibration"] == report["n_calibration"]
     bad = run("train", "--n", "120", "--n-eval", "9500", "--out", str(out / "x"), "--data-dir", str(SHARED_DATA))
     assert bad.exit_code == 2 and "exceeds the 10000" in bad.output
+    bad_fpr = run("train", "--fpr", "1.5", "--out", str(out / "y"), "--data-dir", str(SHARED_DATA))
+    assert bad_fpr.exit_code == 2 and "--fpr" in bad_fpr.output and not (out / "y").exists()
 
 
 def test_detect_and_recover(detector_dir, tmp_path):
