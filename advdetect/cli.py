@@ -220,8 +220,8 @@ def mask_config(seed: int, **options: Any):
     return MaskConfig(seed=seed, **given)
 
 
-MASK_KEYS = ("method", "game", "area", "perturbation", "iterations", "l1_coeff", "tv_coeff", "blur_sigma", "upsample", "early_stop",
-             "batch_size")
+MASK_KEYS = ("method", "game", "area", "perturbation", "iterations", "l1_coeff", "tv_coeff", "blur_sigma", "upsample",
+             "early_stop", "batch_size")
 
 
 def pop_mask_options(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -408,8 +408,8 @@ def recover(image: str, detector_dir: str, model: str | None, out: str | None, m
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
 @common_options
 def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n_baseline: int, baselines: str,
-             methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int, adaptive_restarts: int,
-             data_dir: str | None, device: str, seed: int, as_json: bool) -> None:
+             methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int,
+             adaptive_restarts: int, data_dir: str | None, device: str, seed: int, as_json: bool) -> None:
     """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
     from .evaluation.harness import EvaluateConfig, parse_eps_list, run_evaluation
 

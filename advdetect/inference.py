@@ -86,19 +86,16 @@ def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, mode
     detection = make_explainer(wrapper, config).attribute(x)
     score = float(detector.decision_function(detection.masks.cpu())[0])
     flagged = score > detector.threshold_
-    shown = detection
-    if settings.method == "mask":
-        rec_config = recovery_config(meta, config)
-        shown = detection if rec_config == config else make_explainer(wrapper, rec_config).attribute(x)
+    rec_config = recovery_config(meta, config)
+    shown = detection  # the mask drawn in the figure (the one applied back, for mask recovery)
+    if settings.method == "mask" and rec_config != config:
+        shown = make_explainer(wrapper, rec_config).attribute(x)
     before = wrapper.logits(x).softmax(1).cpu()[0]
     predicted = int(before.argmax())
-    rec = recover(wrapper, x, shown.masks, settings, mask_config=recovery_config(meta, config),
+    rec = recover(wrapper, x, shown.masks, settings, mask_config=rec_config,
                   predicted=torch.tensor([predicted]), flagged=torch.tensor([flagged]))
-    after = rec.logits.softmax(1)[0]
+    after = rec.probs[0]
     ruled_out = predicted if settings.exclude_flagged and flagged else None
-    if ruled_out is not None:
-        after[ruled_out] = 0.0
-        after = after / after.sum()
     classes = wrapper.info.classes
     top5 = rec.top5[0].tolist()
     if out is not None:

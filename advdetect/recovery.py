@@ -58,6 +58,7 @@ PAPER_RECOVERY = RecoveryConfig(method="mask", exclude_flagged=False)
 @dataclass
 class Recovery:
     logits: torch.Tensor  # N x K on the recovered images
+    probs: torch.Tensor  # N x K, softmax over the classes not ruled out (ruled-out ones 0)
     top5: torch.Tensor  # N x 5 class indices, best first (ruled-out labels last)
     images: torch.Tensor  # N x C x H x W, what was classified
 
@@ -89,7 +90,7 @@ def recover(model: ModelWrapper, images: torch.Tensor, masks: torch.Tensor | Non
     if config.exclude_flagged and predicted is not None:
         rows = torch.ones(len(ranked), dtype=torch.bool) if flagged is None else flagged.cpu().bool()
         ranked[rows, predicted.cpu()[rows]] = float("-inf")
-    return Recovery(logits, ranked.topk(min(5, ranked.shape[1]), dim=1).indices, recovered.cpu())
+    return Recovery(logits, ranked.softmax(1), ranked.topk(min(5, ranked.shape[1]), dim=1).indices, recovered.cpu())
 
 
 @dataclass

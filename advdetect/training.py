@@ -72,11 +72,12 @@ def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
 def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int, seed: int, work: Path,
                   mask_config: MaskConfig, data_dir: str | os.PathLike | None, batch_size: int,
                   progress: bool, reuse_clean_from: Path | None = None, shard_size: int = 512, offset: int = 0,
-                  name: str | None = None) -> Path:
+                  name: str | None = None, recovery_masks: bool = False) -> Path:
     """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory.
 
     ``reuse_clean_from``: an earlier split over the same images, whose clean masks are reused.
     ``offset``/``name``: images ``offset..offset+n`` of the seeded order, in ``work/<name>-<attack>``.
+    ``recovery_masks``: also the deletion masks that mask recovery applies, if the detector reads others.
     """
     directory = work / f"{name or split}-{attack.name}"
     data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress, offset=offset)
@@ -85,7 +86,7 @@ def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int,
                         data_description=description)
     compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from,
                      shard_size=shard_size)
-    if name is None and split == "test" and mask_config.for_recovery() != mask_config:  # mask recovery
+    if recovery_masks and mask_config.for_recovery() != mask_config:
         compute_mask_set(model, directory, config=mask_config.for_recovery(), progress=progress,
                          reuse_clean_from=reuse_clean_from, shard_size=shard_size)
     return directory
@@ -115,7 +116,7 @@ def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
     detection = detection_metrics(labels, np.concatenate([clean_scores, adv_scores]), detector.threshold_)
     flagged = torch.as_tensor(detector.predict(m["clean_mask"]).astype(bool))
     rec_config = mask_config.for_recovery()
-    r = load_mask_set(directory, rec_config.kind)
+    r = m if rec_config.kind == mask_config.kind else load_mask_set(directory, rec_config.kind)
     recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, r["clean_mask"],
                                 r["adv_mask"], clean_flagged=flagged, mask_config=rec_config, recovery=recovery)
     attack = s.manifest["job"]["attack"]
@@ -181,7 +182,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     metrics, first_test = {}, None
     for a in eval_attacks:
         directory = prepare_split(model, a, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
-                                  progress, reuse_clean_from=first_test, shard_size=shard_size)
+                                  progress, reuse_clean_from=first_test, shard_size=shard_size, recovery_masks=True)
         first_test = first_test or directory
         metrics[a.name] = evaluate_split(model, detector, directory, mask_config, recovery)
         metrics[a.name]["trained_on"] = a in attacks

@@ -41,6 +41,10 @@ def test_flagged_prediction_is_ruled_out_only_where_flagged(tiny_model, tiny_ima
     assert bool((rec.top5[flagged] != predicted[flagged, None]).all())
     assert torch.equal(rec.top5[~flagged], plain.top5[~flagged])
     assert torch.equal(rec.top5[flagged, 0], plain.top5[flagged, 1])  # the runner-up moves up
+    # probabilities: renormalised over the classes left, 0 for the ruled-out one
+    assert torch.allclose(rec.probs.sum(1), torch.ones(8))
+    assert bool((rec.probs[flagged].gather(1, predicted[flagged, None]) == 0).all())
+    assert torch.allclose(rec.probs[~flagged], plain.logits[~flagged].softmax(1))
 
 
 def test_mask_method_applies_the_mask(tiny_model, tiny_images):
@@ -80,5 +84,6 @@ def test_cli_offers_every_method():
 
     from advdetect.cli import main
 
-    help_text = CliRunner().invoke(main, ["recover", "--help"]).output
-    assert all(m in help_text for m in RECOVERY_METHODS)
+    for command, option in (("recover", "--method"), ("train", "--recovery")):
+        help_text = " ".join(CliRunner().invoke(main, [command, "--help"]).output.split())
+        assert f"{option} [{'|'.join(RECOVERY_METHODS)}]" in help_text, command

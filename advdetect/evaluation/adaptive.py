@@ -106,12 +106,15 @@ class AdaptiveConfig:
             raise ValueError("steps and restarts must be at least 1")
 
 
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{j != y} z_j per image (negative: misclassified)."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    return true - logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+
+
 def _losses(model: ModelWrapper, surrogate: nn.Module, detector_net: nn.Module, x: torch.Tensor, y: torch.Tensor,
             threshold: float, cfg: AdaptiveConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    logits = model(x)
-    true = logits.gather(1, y[:, None]).squeeze(1)
-    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    margin = true - other
+    margin = _margin(model(x), y)
     score = detector_net(surrogate(x))
     loss = margin.clamp_min(-cfg.kappa) + cfg.lam * (score - (threshold - cfg.kappa_detector)).clamp_min(0)
     return loss, margin, score
@@ -222,8 +225,7 @@ def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskD
     tiers, keys, preds, scores, sur_scores = [], [], [], [], []
     for x in candidates:
         logits = model.logits(x)
-        true = logits.gather(1, y[:, None]).squeeze(1)
-        margin = (true - logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)).cpu()
+        margin = _margin(logits, y).cpu()
         real = torch.as_tensor(detector.decision_function(explainer.attribute(x).masks.cpu())).float()
         with torch.no_grad():
             sur_scores.append(torch.as_tensor(detector.decision_function(surrogate(x).cpu())).float())

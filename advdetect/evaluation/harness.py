@@ -7,10 +7,11 @@ Layout of ``out/``::
 
 Splits. The deployed detector (trained on training images, calibrated on test images after its
 ``n_eval`` held-out ones, or on training images) is evaluated on the first ``n`` of the same
-held-out test images (so ``n`` may not exceed the detector's ``n_eval`` when the seeds match). The transfer matrix, the baselines and the adaptive attacker's surrogate
-need training data of their own, so the test images are split by index: the first half fits,
-the second half is evaluated; every method uses the same halves. Baselines run on the first
-``n_baseline`` images (same rule, halves of that subset).
+held-out test images (so ``n`` may not exceed the detector's ``n_eval`` when the seeds match).
+The transfer matrix, the baselines and the adaptive attacker's surrogate need training data of
+their own, so the test images are split by index: the first half fits, the second half is
+evaluated; every method uses the same halves. Baselines run on the first ``n_baseline`` images
+(same rule, halves of that subset).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..errors import AdvDetectError, UnknownNameError
 from ..masks import MaskConfig, make_explainer
 from ..masks.config import METHODS as MASK_METHODS
 from ..maskset import compute_mask_set, load_mask_set
-from ..recovery import RecoveryConfig, recovery_metrics
+from ..recovery import PAPER_RECOVERY, RecoveryConfig, recover, recovery_metrics
 from .adaptive import AdaptiveConfig, evaluate_adaptive, train_surrogate
 from .heatmaps import METHODS, heatmaps
 from .report import json_safe
@@ -52,8 +53,8 @@ THREAT_MODEL = (
     "attacks). Non-adaptive attackers know the classifier (white box) but not the detector. The "
     "adaptive attacker knows the classifier, the detector's weights and threshold and the mask "
     "algorithm, and attacks both jointly (PGD through a learned surrogate of the mask optimisation, "
-    "BPDA-style) and checks its candidates on the real pipeline. An attack succeeds when the classifier is wrong and the detector does not flag "
-    "the image; detection rates count successful adversarial images only, false positives count "
+    "BPDA-style) and checks its candidates on the real pipeline. An attack succeeds when the "
+    "classifier is wrong and the detector does not flag the image; detection rates count successful adversarial images only, false positives count "
     "correctly classified clean images."
 )
 
@@ -214,8 +215,8 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
             compute_mask_set(wrapper, directory, config=cfg, progress=progress, reuse_clean_from=first,
                              shard_size=config.shard_size)
         first = first or directory
-        s, m, r = load_attack_set(directory), load_mask_set(directory, mask_config.kind), \
-            load_mask_set(directory, rec_config.kind)
+        s, m = load_attack_set(directory), load_mask_set(directory, mask_config.kind)
+        r = m if rec_config.kind == mask_config.kind else load_mask_set(directory, rec_config.kind)
         sets[spec.key] = SetData(spec, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, m["clean_mask"],
                                  m["adv_mask"], s.manifest, r["clean_mask"], r["adv_mask"])
     timer.add("attacks_and_masks", t)
@@ -435,12 +436,8 @@ def _method_comparison(wrapper, detector_config: MaskConfig, sets: list[SetData]
             fc, fa, ec, ea = _halves(sub, clean_masks, adv_masks, half)
             row = (_auc_tpr(_fit_eval(fc, fa, config.seed), ec, ea) if min(len(fc), len(fa), len(ec), len(ea)) >= 2
                    else {"roc_auc": float("nan"), "tpr_at_5fpr": float("nan")})
-            idx = torch.arange(nm)
-            pick = (idx >= half) & sub.success  # recovery on the evaluation half's successful attacks
-            with torch.no_grad():
-                rec = wrapper.logits(explainer.perturb(sub.adv[pick].to(wrapper.device),
-                                                       adv_masks[pick].to(wrapper.device))).cpu()
-            top5 = rec.topk(min(5, rec.shape[1]), 1).indices
+            pick = (torch.arange(nm) >= half) & sub.success  # recovery on the evaluation half's successful attacks
+            top5 = recover(wrapper, sub.adv[pick].to(wrapper.device), adv_masks[pick], PAPER_RECOVERY, cfg).top5
             clean_label = sub.clean_pred[pick]
             row["recovery_top1"] = float((top5[:, 0] == clean_label).float().mean()) if len(top5) else float("nan")
             row["recovery_top5"] = float((top5 == clean_label[:, None]).any(1).float().mean()) if len(top5) \

@@ -283,7 +283,6 @@ class MeaningfulPerturbation:
                 a.t = a.t + live.view(-1).long()
         return max(steps, 1)
 
-
     def _loss(self, mask_low: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, a: _Active,
               noise: torch.Tensor | None) -> torch.Tensor:
         """Per-image objective of the current masks (``logits``: the model on the perturbed images)."""

@@ -24,7 +24,6 @@ metric may weigh classes differently.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .engine import MeaningfulPerturbation, _Active
 from .loss import class_term
@@ -50,6 +49,7 @@ class RobustPerturbation(MeaningfulPerturbation):
     """Cross-checking deletion masks; ``MaskConfig(method="robust")`` selects it."""
 
     def _aux(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The image's non-target log-probabilities, with 0 in the target's place."""
         with torch.no_grad():
             return non_target_log_probs(self._forward(x), target).nan_to_num(neginf=0.0)
 
@@ -57,10 +57,10 @@ class RobustPerturbation(MeaningfulPerturbation):
               noise: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         base = super()._loss(mask_low, mask, logits, a, noise)
-        # perturbed branch keeps the non-target predictions: KL(original || perturbed) over non-targets
-        after = non_target_log_probs(logits, a.target)
-        keep = F.one_hot(a.target, logits.shape[1]).bool().logical_not()
-        kl = (a.aux.exp() * (a.aux - after)).where(keep, torch.zeros_like(after)).sum(1)
+        # perturbed branch keeps the non-target predictions: KL(original || perturbed) over non-targets;
+        # both log-distributions hold 0 in the target's place, so its term is 1 * (0 - 0) = 0
+        after = non_target_log_probs(logits, a.target).nan_to_num(neginf=0.0)
+        kl = (a.aux.exp() * (a.aux - after)).sum(1)
         # preserved branch: only the deleted region kept must still show the target class
         preserved = blend(a.x, a.ref, 1 - mask)
         if noise is not None:
