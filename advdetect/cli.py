@@ -189,8 +189,9 @@ MASK_OPTIONS = [
     click.option("--method", type=click.Choice(["meaningful", "extremal", "robust"]), default=None,
                  help="Mask method: meaningful perturbation (default), extremal perturbation (fixed area), "
                       "robust perturbation (cross-checking deletion)."),
-    click.option("--game", type=click.Choice(["delete", "preserve", "dual"]), default=None,
-                 help="Deletion (default) or preservation game; extremal also has dual."),
+    click.option("--game", type=click.Choice(["delete", "preserve", "both", "dual"]), default=None,
+                 help="Deletion (default) or preservation game; both: the two games' masks as two channels "
+                      "(meaningful masks); extremal also has dual."),
     click.option("--area", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
                  help="Extremal masks: area as a fraction of the image [default: 0.2]."),
     click.option("--perturbation", type=click.Choice(["blur", "constant", "noise"]), default=None,

@@ -24,14 +24,17 @@ def _hwc(image: torch.Tensor):
 def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch.Tensor,
                        probs_before: torch.Tensor, probs_after: torch.Tensor, classes: Sequence[str],
                        target: int, path: str | os.PathLike, title: str = "", top: int = 5) -> None:
-    """Image, mask heatmap (1 - mask: what was deleted), perturbed image, class probabilities."""
+    """Image, mask heatmap (1 - mask: what was deleted), perturbed image, class probabilities.
+
+    A two-channel mask (``game="both"``: [preserve, delete]) is drawn by its deletion channel."""
     from .storage import atomic_path
 
     plt = _plt()
     fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1.5]})
     axes[0].imshow(_hwc(image), interpolation="nearest")
     axes[0].set_title(f"input: {classes[target]} ({probs_before[target]:.1%})")
-    heat = axes[1].imshow(1 - mask.detach().cpu()[0].numpy(), cmap="jet", vmin=0, vmax=1, interpolation="nearest")
+    heat = axes[1].imshow(1 - mask.detach().cpu()[-1].numpy(), cmap="jet", vmin=0, vmax=1,
+                          interpolation="nearest")
     axes[1].set_title("mask (deleted regions)")
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
     axes[2].imshow(_hwc(perturbed), interpolation="nearest")

@@ -43,7 +43,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/detector-bim")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--game", default="delete", choices=["delete", "preserve"],
+    p.add_argument("--game", default="delete", choices=["delete", "preserve", "both"],
                    help="masks the detector reads (mask recovery always uses deletion masks)")
     p.add_argument("--recovery", default="denoise", choices=list(RECOVERY_METHODS),
                    help="recovery method: a light blur with the flagged label ruled out, or the paper's mask")

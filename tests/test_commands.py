@@ -180,3 +180,33 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     inference.recover_image(tmp_path / "adv.png", out)  # the default light blur needs no deletion mask
     assert games == ["preserve"] and meta["recovery"]["method"] == "denoise"
     assert MaskConfig(game="preserve").for_recovery() == MaskConfig()
+
+
+def test_two_channel_detector_end_to_end(tmp_path):
+    """--game both: the detector reads [preservation, deletion] masks; detect and recover take the same path."""
+    out = tmp_path / "det"
+    result = run("train", "--n", "24", "--n-eval", "16", "--n-calibration", "12", "--game", "both", "--out",
+                 str(out), "--data-dir", str(SHARED_DATA), "--json", *FAST_MASKS)
+    assert result.exit_code == 0, result.output
+    meta = json.loads((out / "detector.json").read_text())
+    assert meta["mask_config"]["game"] == "both" and meta["recovery_config"]["game"] == "delete"
+    masks = load_mask_set(out / "work" / "test-bim", "both")
+    deletion = load_mask_set(out / "work" / "test-bim")  # recovery's masks: the second channel, computed alone
+    assert masks["adv_mask"].shape[1] == 2 and torch.equal(masks["adv_mask"][:, 1:], deletion["adv_mask"])
+    data = load_attack_set(out / "work" / "test-bim")
+    save_image(data.adv[0], tmp_path / "adv.png")
+    save_image(data.clean[0], tmp_path / "clean.png")
+    detected = run("detect", str(tmp_path / "adv.png"), str(tmp_path / "clean.png"), "--detector", str(out), "--json")
+    assert detected.exit_code == 0, detected.output
+    from advdetect.detector import load_detector
+
+    detector, _ = load_detector(out)
+    rows = last_json(detected)["images"]
+    scores = detector.decision_function(torch.cat([masks["adv_mask"][:1], masks["clean_mask"][:1]]))
+    # the same masks as in training (the adversarial image only rounded to 8 bits by the PNG)
+    assert rows[1]["score"] == pytest.approx(float(scores[1]), abs=1e-4)
+    assert rows[0]["score"] == pytest.approx(float(scores[0]), abs=1e-2)
+    recovered = run("recover", str(tmp_path / "adv.png"), "--detector", str(out), "--method", "mask", "--out",
+                    str(tmp_path / "fig.png"), "--json")
+    assert recovered.exit_code == 0, recovered.output
+    assert (tmp_path / "fig.png").stat().st_size > 1000

@@ -31,9 +31,11 @@ log = logging.getLogger(__name__)
 
 
 class MaskSurrogate(nn.Module):
-    """Image (N x 3 x H x W in [0, 1]) -> mask (N x 1 x H x W in [0, 1]); a small encoder-decoder."""
+    """Image (N x 3 x H x W in [0, 1]) -> mask (N x C x H x W in [0, 1]); a small encoder-decoder.
 
-    def __init__(self, width: int = 24) -> None:
+    ``channels``: the masks' channel count (2 for ``game="both"``)."""
+
+    def __init__(self, width: int = 24, channels: int = 1) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
@@ -42,7 +44,7 @@ class MaskSurrogate(nn.Module):
             nn.Conv2d(2 * width, 2 * width, 3, padding=4, dilation=4), nn.GELU(),
             nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
             nn.Conv2d(2 * width, width, 3, padding=1), nn.GELU(),
-            nn.Conv2d(width, 1, 3, padding=1),
+            nn.Conv2d(width, channels, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +62,7 @@ def train_surrogate(images: torch.Tensor, masks: torch.Tensor, epochs: int = 15,
     perm = torch.randperm(len(images), generator=gen)
     n_val = max(1, len(images) // 10)
     val, fit = perm[:n_val], perm[n_val:]
-    net = MaskSurrogate().to(device)
+    net = MaskSurrogate(channels=masks.shape[1]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * ((len(fit) + batch_size - 1)
                                                                                       // batch_size))

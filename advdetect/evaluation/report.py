@@ -191,8 +191,8 @@ def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cl
                 ax = axes[row][col]
                 if img.shape[0] == 3:
                     ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
-                else:
-                    ax.imshow(img[0].numpy(), cmap="magma", vmin=0, vmax=1)
+                else:  # a mask; two channels (game "both"): the deletion one
+                    ax.imshow(img[-1].numpy(), cmap="magma", vmin=0, vmax=1)
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")
         figs["gallery"] = _png(fig)

@@ -10,6 +10,7 @@ from .perturbation import PERTURBATIONS
 
 
 METHODS = ("meaningful", "extremal", "robust")
+BOTH_CHANNELS = ("preserve", "delete")  # game "both": the channels of its masks, in order
 EXTREMAL_KEYS = ("area", "area_coeff", "smooth", "step", "max_blur", "levels")
 ROBUST_KEYS = ("cross_coeff", "preserve_coeff")
 
@@ -22,7 +23,9 @@ class MaskConfig:
     :meth:`paper` gives the paper's settings for 224 x 224 ImageNet models.
 
     Attributes:
-        game: ``delete`` (smallest deletion that removes the class, the default) or ``preserve``.
+        game: ``delete`` (smallest deletion that removes the class, the default), ``preserve``, or
+            ``both``: the two games' masks of the same image stacked as channels [preserve, delete]
+            (N x 2 x H x W; see :mod:`.stacked`).
         score: class evidence in the objective: ``prob`` (the paper's softmax probability) or
             ``log_prob`` (keeps pushing once the probability is small).
         perturbation: ``blur`` (default), ``constant`` or ``noise``.
@@ -109,12 +112,14 @@ class MaskConfig:
         """
         if self.game == "delete":
             return self
+        if self.game == "both":  # its deletion channel, exactly
+            return self.replace(game="delete")
         return MaskConfig(batch_size=self.batch_size, amp=self.amp, seed=self.seed)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"unknown mask method {self.method!r}; choose one of: {', '.join(METHODS)}")
-        games = (*GAMES, "dual") if self.method == "extremal" else GAMES
+        games = {"meaningful": (*GAMES, "both"), "extremal": (*GAMES, "dual"), "robust": GAMES}[self.method]
         if self.game not in games:
             raise ValueError(f"unknown game {self.game!r} for {self.method} masks; choose one of: {', '.join(games)}")
         if self.method == "robust" and self.game != "delete":

@@ -101,8 +101,11 @@ class MeaningfulPerturbation:
     """
 
     def __init__(self, model: nn.Module, config: MaskConfig | None = None) -> None:
+        config = config or MaskConfig()
+        if config.game == "both":
+            raise ValueError("game='both' stacks two games' masks; make it with make_explainer(model, config)")
         self.model = model
-        self.config = config or MaskConfig()
+        self.config = config
 
     def batch_size_for(self, device: torch.device) -> int:
         return self.config.batch_size or DEFAULT_BATCH.get(device.type, 64)

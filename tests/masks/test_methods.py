@@ -104,3 +104,37 @@ def test_methods_leave_the_model_unchanged(tiny_model, tiny_images):
     for cfg in (MaskConfig(method="extremal", iterations=3), MaskConfig(method="robust", iterations=3)):
         make_explainer(tiny_model, cfg).attribute(tiny_images[:2])
     assert tiny_model.training and [p.requires_grad for p in tiny_model.parameters()] == flags
+
+
+@needs_shared
+@needs_builtin
+def test_both_games_stack_the_masks_each_game_gives_alone(cifar):
+    """game="both": channel 0 is exactly the preservation mask, channel 1 exactly the deletion mask."""
+    from advdetect.masks import StackedPerturbation
+
+    model, images = cifar
+    cfg = MaskConfig(game="both", iterations=30, batch_size=4)
+    explainer = make_explainer(model, cfg)
+    assert isinstance(explainer, StackedPerturbation) and cfg.kind == "both"
+    both = explainer.attribute(images[:6])
+    alone = {g: MeaningfulPerturbation(model, cfg.replace(game=g)).attribute(images[:6]) for g in ("preserve", "delete")}
+    assert both.masks.shape == (6, 2, 32, 32)
+    assert torch.equal(both.masks[:, :1], alone["preserve"].masks) and torch.equal(both.masks[:, 1:], alone["delete"].masks)
+    assert not torch.equal(alone["preserve"].masks, alone["delete"].masks)
+    assert torch.equal(both.targets, alone["delete"].targets) and torch.equal(both.prob_after, alone["delete"].prob_after)
+    assert torch.equal(both.iterations, alone["preserve"].iterations + alone["delete"].iterations)
+    deleter = make_explainer(model, cfg.replace(game="delete"))
+    assert torch.equal(explainer.perturb(images[:6], both.masks), deleter.perturb(images[:6], alone["delete"].masks))
+
+
+def test_both_games_validation():
+    from advdetect.masks import StackedPerturbation
+
+    with pytest.raises(ValueError, match="make_explainer"):
+        MeaningfulPerturbation(torch.nn.Identity(), MaskConfig(game="both"))
+    with pytest.raises(ValueError, match="game='both'"):
+        StackedPerturbation(torch.nn.Identity(), MaskConfig())
+    with pytest.raises(ValueError, match="unknown game 'both'"):
+        MaskConfig(method="extremal", game="both")
+    with pytest.raises(ValueError, match="unknown game 'both'"):
+        MaskConfig(method="robust", game="both")
