@@ -20,7 +20,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -69,7 +68,7 @@ def light_masks(run: Path, attack: str, n: int, sigmas: list[float]) -> dict[str
     for sigma in sigmas:
         out[f"whole_image_blur_{sigma}"] = score(recover(wrapper, adv, config=RecoveryConfig(sigma=sigma),
                                                          predicted=adv_pred))
-        config = replace(MaskConfig(), blur_sigma=sigma)
+        config = MaskConfig(blur_sigma=sigma)
         start = time.time()
         masks = make_explainer(wrapper, config).attribute(adv, progress=True).masks
         rec = recover(wrapper, adv, masks, RecoveryConfig(method="mask"), config, predicted=adv_pred)
