@@ -23,7 +23,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
-from .errors import AdvDetectError, UnknownNameError
+from .errors import AdvDetectError, UnknownNameError, OptionError
 from .models.wrapper import frozen
 
 ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "ll-bim", "cw", "deepfool")
@@ -60,9 +60,9 @@ class AttackConfig:
         if self.name not in ATTACKS:
             raise UnknownNameError("attack", self.name, list(ATTACKS))
         if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+            raise OptionError(f"steps must be at least 1, got {self.steps}")
         if self.alpha is not None and self.alpha <= 0:
-            raise ValueError(f"alpha must be positive, got {self.alpha}")
+            raise OptionError(f"alpha must be positive, got {self.alpha}")
 
     @property
     def resolved_steps(self) -> int | None:

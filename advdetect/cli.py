@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,8 +19,56 @@ from .errors import AdvDetectError
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+class AdvDetectCommand(click.Command):
+    """An OS error on a path the user gave (or a full disk) becomes a one-line user error.
+
+    Any other OS error is a bug or an environment problem of ours: it stays an exception and
+    the group reports it as an internal error (exit code 1).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if isinstance(exc, AdvDetectError) or not _users_problem(exc, _user_paths(self, ctx)):
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            hint = "; free space or choose another path" if exc.errno in _FULL else ""
+            raise AdvDetectError(f"{exc.strerror or exc}{where}{hint}") from exc
+
+
+_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _user_paths(command: click.Command, ctx: click.Context) -> list[Path]:
+    """The paths the user gave this command (every click.Path option and argument that was set)."""
+    paths = []
+    for param in command.params:
+        if not isinstance(param.type, click.Path) and param.name != "model":  # --model may name a file
+            continue
+        value = ctx.params.get(param.name or "")
+        for item in value if isinstance(value, (tuple, list)) else [value]:
+            if item:
+                paths.append(Path(os.path.abspath(os.fspath(item))))
+    return paths
+
+
+def _users_problem(exc: OSError, paths: list[Path]) -> bool:
+    if exc.errno in _FULL:
+        return True
+    for name in (exc.filename, exc.filename2):
+        if name is None or not isinstance(name, (str, bytes, os.PathLike)):
+            continue
+        failed = Path(os.path.abspath(os.fsdecode(name)))
+        if any(failed == p or p in failed.parents or failed in p.parents for p in paths):
+            return True
+    return False
+
+
 class AdvDetectGroup(click.Group):
-    """Turns our errors into one line on stderr and exit code 2 (1 for internal errors)."""
+    """Turns user errors into one line on stderr and exit code 2, anything else into exit code 1."""
+
+    command_class = AdvDetectCommand
 
     def main(self, args: Any = None, prog_name: str | None = None, complete_var: str | None = None,
              standalone_mode: bool = True, **extra: Any) -> Any:
@@ -41,24 +92,13 @@ class AdvDetectGroup(click.Group):
         debug = bool(ctx.params.get("debug"))
         try:
             return super().invoke(ctx)
-        except AdvDetectError as exc:
+        except AdvDetectError as exc:  # the user's input: bad option values (OptionError), paths, files
             if debug:
                 raise
             click.echo(f"advdetect: error: {exc}", err=True)
             ctx.exit(exc.exit_code)
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
-        except ValueError as exc:  # library functions raise ValueError for bad options
-            if debug:
-                raise
-            click.echo(f"advdetect: error: {exc}", err=True)
-            ctx.exit(2)
-        except OSError as exc:  # disk full, permission denied, read-only file system: the user's to fix
-            if debug:
-                raise
-            where = f" ({exc.filename})" if exc.filename else ""
-            click.echo(f"advdetect: error: {exc.strerror or exc}{where}; free space or choose another path", err=True)
-            ctx.exit(2)
         except KeyboardInterrupt:
             click.echo("advdetect: interrupted; finished shards are kept, rerun the same command to continue", err=True)
             ctx.exit(130)
@@ -282,7 +322,8 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @click.option("--attack", default="bim", show_default=True, help="Attack(s) to train on, e.g. bim or fgsm,bim,pgd.")
 @click.option("--eps", default="8/255", show_default=True, help="L-inf budget of the attacks.")
 @click.option("--n", default=5000, show_default=True, type=click.IntRange(min=10),
-              help="CIFAR-10 training images (attacked; 80% fit, 20% calibrate).")
+              help="CIFAR-10 training images, attacked; the discriminator is fitted on them (with --calibrate-on train, "
+                   "the last 20% set the threshold instead).")
 @click.option("--n-eval", default=2000, show_default=True, type=click.IntRange(min=10),
               help="Held-out test images for the reported metrics.")
 @click.option("--transfer", default=None, help="Attacks to evaluate the detector on as well, e.g. fgsm,pgd.")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .distributed import context
-from .errors import AdvDetectError, DataNotFoundError, UnknownNameError
+from .errors import AdvDetectError, DataNotFoundError, UnknownNameError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -101,13 +101,13 @@ def subset_indices(total: int, n: int | None, seed: int, offset: int = 0) -> tor
     calibration images right after them).
     """
     if n is not None and n <= 0:
-        raise ValueError(f"n must be positive, got {n}")
+        raise OptionError(f"n must be positive, got {n}")
     if offset < 0:
-        raise ValueError(f"offset must be >= 0, got {offset}")
+        raise OptionError(f"offset must be >= 0, got {offset}")
     if offset == 0 and (n is None or n >= total):
         return torch.arange(total)
     if n is None or offset + n > total:
-        raise ValueError(f"asked for {n} images from position {offset} of {total}: there are only {total}")
+        raise OptionError(f"asked for {n} images from position {offset} of {total}: there are only {total}")
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=gen)[offset:offset + n]
 

@@ -25,6 +25,7 @@ import torch
 from .masks import MaskConfig, make_explainer
 from .masks.perturbation import gaussian_blur
 from .models.wrapper import ModelWrapper
+from .errors import OptionError
 
 RECOVERY_METHODS = ("denoise", "mask")
 
@@ -37,9 +38,9 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         if self.method not in RECOVERY_METHODS:
-            raise ValueError(f"unknown recovery method {self.method!r}; choose one of {', '.join(RECOVERY_METHODS)}")
+            raise OptionError(f"unknown recovery method {self.method!r}; choose one of {', '.join(RECOVERY_METHODS)}")
         if not 0 < self.sigma <= 16:
-            raise ValueError(f"recovery sigma must lie in (0, 16] pixels, got {self.sigma}")
+            raise OptionError(f"recovery sigma must lie in (0, 16] pixels, got {self.sigma}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -48,7 +49,7 @@ class RecoveryConfig:
     def from_dict(cls, d: dict[str, Any]) -> RecoveryConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown recovery settings: {', '.join(sorted(unknown))}")
+            raise OptionError(f"unknown recovery settings: {', '.join(sorted(unknown))}")
         return cls(**d)
 
 

@@ -1,14 +1,16 @@
 """Atomic, verifiable artifacts: safetensors shards plus a JSON manifest.
 
 Nothing here unpickles: tensors are safetensors, everything else JSON. Every write goes to
-a temporary file in the target directory and is renamed into place, so a crash never leaves
-a half-written file under the final name. A manifest lists each shard with its sha256, and
+a temporary file in the target directory, is flushed to the disk (``fsync``) and renamed into
+place, and the directory is flushed after the rename, so neither a crash nor a power cut leaves
+a half-written or empty file under the final name. A manifest lists each shard with its sha256, and
 reading verifies it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -29,7 +31,12 @@ MANIFEST = "manifest.json"
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``."""
+    """Yield a temporary path beside ``path``; on success flush it to disk and rename it onto ``path``.
+
+    The file is fsynced before the rename (else a power cut can leave the new name pointing at
+    an empty file on file systems that reorder metadata before data) and the directory after it
+    (else the rename itself can be lost).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,7 +48,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent, directory=True)
     except OSError as exc:
         raise AdvDetectError(f"cannot write {path}: {exc.strerror or exc}") from exc
     finally:
@@ -50,6 +59,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 TMP_SUFFIX = ".tmp"
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush a file's (or a directory's entries') data to the disk."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        if directory:  # some platforms (Windows) can't open directories; the file itself was flushed
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (directory and exc.errno in (errno.EINVAL, errno.EBADF)):  # directory fsync unsupported here
+            raise
+    finally:
+        os.close(fd)
 
 
 def _owner() -> str:

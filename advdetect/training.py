@@ -35,6 +35,7 @@ from .maskset import compute_mask_set, load_mask_set
 from .models.wrapper import ModelWrapper
 from .recovery import RecoveryConfig, recovery_metrics
 from .storage import write_json
+from .errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class TrainReport:
 def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
     names = [s.strip() for s in spec.split(",") if s.strip()]
     if not names:
-        raise ValueError("give at least one attack, e.g. --attack bim or --attack fgsm,bim,pgd")
+        raise OptionError("give at least one attack, e.g. --attack bim or --attack fgsm,bim,pgd")
     value = parse_eps(eps)
     return [AttackConfig(name, eps=value) for name in names]
 
@@ -138,11 +139,11 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     it is more confident on them and the held-out false-positive rate comes out higher).
     """
     if not 0 < calibration_fraction < 1:
-        raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+        raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     if calibrate_on not in CALIBRATION_SOURCES:
-        raise ValueError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
+        raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
     if calibrate_on == "test" and n_eval + n_calibration > CIFAR10_TEST_SIZE:
-        raise ValueError(f"n_eval + n_calibration ({n_eval} + {n_calibration}) exceeds the {CIFAR10_TEST_SIZE} "
+        raise OptionError(f"n_eval + n_calibration ({n_eval} + {n_calibration}) exceeds the {CIFAR10_TEST_SIZE} "
                          "CIFAR-10 test images")
     start = time.time()
     out = Path(out)

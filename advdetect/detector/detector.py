@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from ..distributed import Context, context
+from ..errors import OptionError
 from .metrics import threshold_for_fpr
 from .network import MaskAlexNet
 
@@ -57,17 +58,17 @@ class MaskDetector:
         valid = self.get_params()
         for key, value in params.items():
             if key not in valid:
-                raise ValueError(f"unknown parameter {key!r} for MaskDetector; valid: {', '.join(valid)}")
+                raise OptionError(f"unknown parameter {key!r} for MaskDetector; valid: {', '.join(valid)}")
             setattr(self, key, value)
         return self
 
     def _check_params(self) -> None:
         if not 0 < self.val_fraction < 1:
-            raise ValueError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
+            raise OptionError(f"val_fraction must lie in (0, 1), got {self.val_fraction}")
         if not 0 <= self.fpr < 1:
-            raise ValueError(f"fpr must lie in [0, 1), got {self.fpr}")
+            raise OptionError(f"fpr must lie in [0, 1), got {self.fpr}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+            raise OptionError("epochs and batch_size must be at least 1")
 
     def fit(self, X: torch.Tensor, y: torch.Tensor | np.ndarray) -> MaskDetector:
         """Train on masks ``X`` with labels ``y`` (0 clean, 1 adversarial); returns self."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from ..errors import OptionError
 
 
 def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
@@ -22,7 +23,7 @@ def tpr_at_fpr(labels: np.ndarray, scores: np.ndarray, fpr: float) -> float:
 def threshold_for_fpr(clean_scores: np.ndarray, fpr: float) -> float:
     """The smallest threshold t with mean(clean_scores > t) <= fpr."""
     if not 0 <= fpr < 1:
-        raise ValueError(f"fpr must lie in [0, 1), got {fpr}")
+        raise OptionError(f"fpr must lie in [0, 1), got {fpr}")
     s = np.sort(np.asarray(clean_scores, dtype=np.float64))
     k = int(np.floor(fpr * len(s)))  # clean images allowed above the threshold
     return float(s[len(s) - 1 - k]) if k < len(s) else float(s[0])

@@ -26,6 +26,7 @@ from torch import nn
 from ..detector import MaskDetector
 from ..masks import MaskConfig, make_explainer
 from ..models.wrapper import ModelWrapper, frozen
+from ..errors import OptionError
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +104,9 @@ class AdaptiveConfig:
 
     def __post_init__(self) -> None:
         if not 0 < self.eps <= 1:
-            raise ValueError(f"eps must lie in (0, 1], got {self.eps}")
+            raise OptionError(f"eps must lie in (0, 1], got {self.eps}")
         if self.steps < 1 or self.restarts < 1:
-            raise ValueError("steps and restarts must be at least 1")
+            raise OptionError("steps and restarts must be at least 1")
 
 
 def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

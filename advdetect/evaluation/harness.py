@@ -33,7 +33,7 @@ from ..attackset import generate_attack_set, load_attack_set
 from ..data import load_dataset
 from ..detector import MaskDetector, detection_metrics, tpr_at_fpr
 from ..detector.io import library_versions
-from ..errors import AdvDetectError, UnknownNameError
+from ..errors import AdvDetectError, UnknownNameError, OptionError
 from ..masks import MaskConfig, make_explainer
 from ..masks.config import METHODS as MASK_METHODS
 from ..maskset import compute_mask_set, load_mask_set
@@ -87,16 +87,16 @@ class EvaluateConfig:
             if name not in METHODS:
                 raise UnknownNameError("baseline", name, list(METHODS))
         if not self.attacks:
-            raise ValueError("give at least one attack")
+            raise OptionError("give at least one attack")
         if not self.eps:
-            raise ValueError("give at least one eps")
+            raise OptionError("give at least one eps")
         if self.n < 8:
-            raise ValueError(f"n must be at least 8 (it is split in halves), got {self.n}")
+            raise OptionError(f"n must be at least 8 (it is split in halves), got {self.n}")
         for name in self.methods:
             if name not in MASK_METHODS:
                 raise UnknownNameError("mask method", name, list(MASK_METHODS))
         if self.n_baseline > self.n or self.n_methods > self.n or self.adaptive_n > self.n // 2:
-            raise ValueError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "
+            raise OptionError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "
                              "uses the evaluation half)")
 
     @property
@@ -521,5 +521,5 @@ def _gallery(sd: SetData, detector: MaskDetector, k: int) -> tuple[list[dict[str
 def parse_eps_list(text: str) -> tuple[float, ...]:
     values = tuple(parse_eps(v) for v in text.split(",") if v.strip())
     if not values:
-        raise ValueError("give at least one eps, e.g. --eps 4/255,8/255")
+        raise OptionError("give at least one eps, e.g. --eps 4/255,8/255")
     return values

@@ -7,6 +7,7 @@ from typing import Any
 
 from .loss import GAMES, SCORES
 from .perturbation import PERTURBATIONS
+from ..errors import OptionError
 
 
 METHODS = ("meaningful", "extremal", "robust")
@@ -118,32 +119,32 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"unknown mask method {self.method!r}; choose one of: {', '.join(METHODS)}")
+            raise OptionError(f"unknown mask method {self.method!r}; choose one of: {', '.join(METHODS)}")
         games = {"meaningful": (*GAMES, "both"), "extremal": (*GAMES, "dual"), "robust": GAMES}[self.method]
         if self.game not in games:
-            raise ValueError(f"unknown game {self.game!r} for {self.method} masks; choose one of: {', '.join(games)}")
+            raise OptionError(f"unknown game {self.game!r} for {self.method} masks; choose one of: {', '.join(games)}")
         if self.method == "robust" and self.game != "delete":
-            raise ValueError("robust perturbation is a deletion method; use game 'delete'")
+            raise OptionError("robust perturbation is a deletion method; use game 'delete'")
         if not 0 < self.area < 1:
-            raise ValueError(f"area must lie in (0, 1), got {self.area}")
+            raise OptionError(f"area must lie in (0, 1), got {self.area}")
         if self.step < 1 or self.levels < 2 or self.smooth <= 0:
-            raise ValueError("step must be >= 1, levels >= 2 and smooth > 0")
+            raise OptionError("step must be >= 1, levels >= 2 and smooth > 0")
         for name in ("area_coeff", "max_blur", "cross_coeff", "preserve_coeff"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.score not in SCORES:
-            raise ValueError(f"unknown score {self.score!r}; choose one of: {', '.join(SCORES)}")
+            raise OptionError(f"unknown score {self.score!r}; choose one of: {', '.join(SCORES)}")
         if self.perturbation not in PERTURBATIONS:
-            raise ValueError(f"unknown perturbation {self.perturbation!r}; choose one of: {', '.join(PERTURBATIONS)}")
+            raise OptionError(f"unknown perturbation {self.perturbation!r}; choose one of: {', '.join(PERTURBATIONS)}")
         for name in ("iterations", "upsample", "check_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("blur_sigma", "l1_coeff", "tv_coeff", "jitter", "noise", "tol", "stop_ratio", "floor", "min_iterations",
                      "batch_size"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+                raise OptionError(f"{name} must be non-negative, got {getattr(self, name)}")
         if self.lr <= 0 or self.tv_beta <= 0:
-            raise ValueError("lr and tv_beta must be positive")
+            raise OptionError("lr and tv_beta must be positive")
 
     @classmethod
     def paper(cls, **overrides: Any) -> MaskConfig:
@@ -171,5 +172,5 @@ class MaskConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown mask settings: {', '.join(sorted(unknown))}")
+            raise OptionError(f"unknown mask settings: {', '.join(sorted(unknown))}")
         return cls(**data)

@@ -12,11 +12,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from ..errors import OptionError
 
 
 def low_res_shape(size: tuple[int, int], factor: int) -> tuple[int, int]:
     if factor < 1:
-        raise ValueError(f"upsample factor must be at least 1, got {factor}")
+        raise OptionError(f"upsample factor must be at least 1, got {factor}")
     return max(1, math.ceil(size[0] / factor)), max(1, math.ceil(size[1] / factor))
 
 

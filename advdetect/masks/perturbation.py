@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from ..errors import OptionError
 
 PERTURBATIONS = ("blur", "constant", "noise")
 
@@ -51,7 +52,7 @@ def reference(x: torch.Tensor, kind: str = "blur", blur_sigma: float = 2.0, cons
     if kind == "noise":
         noise = torch.randn(x.shape, generator=generator, device="cpu", dtype=x.dtype).to(x.device)
         return (x + noise_std * noise).clamp(0, 1)
-    raise ValueError(f"unknown perturbation {kind!r}; choose one of: {', '.join(PERTURBATIONS)}")
+    raise OptionError(f"unknown perturbation {kind!r}; choose one of: {', '.join(PERTURBATIONS)}")
 
 
 def blend(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import BOTH_CHANNELS, MaskConfig
 from .engine import MaskResult, MeaningfulPerturbation
+from ..errors import OptionError
 
 
 class StackedPerturbation:
@@ -26,7 +27,7 @@ class StackedPerturbation:
     def __init__(self, model: nn.Module, config: MaskConfig | None = None) -> None:
         config = config or MaskConfig(game="both")
         if config.method != "meaningful" or config.game != "both":
-            raise ValueError(f"StackedPerturbation makes game='both' meaningful masks, got method={config.method!r} "
+            raise OptionError(f"StackedPerturbation makes game='both' meaningful masks, got method={config.method!r} "
                              f"game={config.game!r}; use make_explainer(model, config)")
         self.model = model
         self.config = config

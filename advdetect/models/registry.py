@@ -9,17 +9,16 @@ Specs:
   with normalization and input size from options or a JSON file beside it (``model.pt2.json``
   or ``model.json``).
 
-Nothing arbitrary is unpickled: the built-in weights are safetensors, and user files are
-loaded with ``torch.load`` forced to ``weights_only=True``.
+Nothing is unpickled: the built-in weights are safetensors; a ``.pt2`` archive is vetted entry
+by entry before torch reads it (see :mod:`advdetect.models.pt2`); a ``.pt`` is read only as
+TorchScript, whose loader builds tensors and TorchScript code, never Python objects.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from torch import nn
 from ..errors import AdvDetectError, UnknownNameError
 from ..storage import load_tensors, read_json, sha256_file
 from .cifar_cnn import CifarCNN
+from .pt2 import load_program
 from .wrapper import ModelInfo, ModelWrapper, as_tuple
 
 BUILTIN_MODELS = ("cifar10-cnn",)
@@ -123,27 +123,6 @@ def _load_torchvision(spec: str) -> ModelWrapper:
     return ModelWrapper(net, info)
 
 
-@contextlib.contextmanager
-def _weights_only_torch_load() -> Iterator[None]:
-    """Force every ``torch.load`` in the block to ``weights_only=True``.
-
-    ``torch.export.load`` falls back to a full unpickle when the safe load fails; we refuse
-    that fallback, so a tampered file fails instead of running code.
-    """
-    original = torch.load
-
-    @functools.wraps(original)
-    def safe_load(*args: Any, **kwargs: Any) -> Any:
-        kwargs["weights_only"] = True
-        return original(*args, **kwargs)
-
-    torch.load = safe_load
-    try:
-        yield
-    finally:
-        torch.load = original
-
-
 def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
     if not path.is_file():
         raise AdvDetectError(f"model file {path}: no such file")
@@ -218,12 +197,7 @@ def _sidecar_metadata(path: Path) -> dict[str, Any]:
 
 def _read_program(path: Path) -> nn.Module:
     if path.suffix == ".pt2":
-        try:
-            with _weights_only_torch_load():
-                program = torch.export.load(str(path))
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad archives
-            raise AdvDetectError(f"{path}: not a loadable torch.export program ({type(exc).__name__}: {exc})") from exc
-        return ExportedNet(program.module())
+        return ExportedNet(load_program(path))
     try:
         with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what many users have
             warnings.simplefilter("ignore", FutureWarning)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import AdvDetectError
+from ..errors import AdvDetectError, OptionError
 
 
 @dataclass
@@ -51,9 +51,9 @@ class ModelWrapper(nn.Module):
     def __init__(self, net: nn.Module, info: ModelInfo) -> None:
         super().__init__()
         if len(info.mean) != len(info.std):
-            raise ValueError(f"mean has {len(info.mean)} values but std has {len(info.std)}")
+            raise OptionError(f"mean has {len(info.mean)} values but std has {len(info.std)}")
         if any(s <= 0 for s in info.std):
-            raise ValueError(f"std values must be positive, got {info.std}")
+            raise OptionError(f"std values must be positive, got {info.std}")
         self.net = net
         self.info = info
         self.register_buffer("mean", torch.tensor(info.mean, dtype=torch.float32).view(1, -1, 1, 1))
@@ -126,5 +126,5 @@ def as_tuple(values: Sequence[float] | float, n: int, what: str) -> tuple[float,
     if len(values) == 1:
         return values * n
     if len(values) != n:
-        raise ValueError(f"{what} needs 1 or {n} values, got {len(values)}")
+        raise OptionError(f"{what} needs 1 or {n} values, got {len(values)}")
     return values
