@@ -14,7 +14,7 @@ from .errors import AdvDetectError
 from .imageio import load_image
 from .masks import MaskConfig, make_explainer
 from .recovery import RecoveryConfig, recover
-from .models import ModelWrapper, resolve_model
+from .models import ModelWrapper, load_recorded_model, resolve_model
 
 
 def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, device: str):
@@ -23,7 +23,11 @@ def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, de
     meta_path = os.path.join(detector_dir, "detector.json")
     if not os.path.isfile(meta_path):
         raise AdvDetectError(f"{detector_dir}: not a detector (no detector.json); train one with `advdetect train`")
-    wrapper = resolve_model(model or read_json(meta_path).get("classifier", {}).get("name", ""), device)
+    recorded = read_json(meta_path).get("classifier")
+    if model is None and not isinstance(recorded, dict):
+        raise AdvDetectError(f"{meta_path}: no classifier recorded; the file is damaged, retrain the detector")
+    wrapper = resolve_model(model, device) if model is not None else \
+        load_recorded_model(recorded, device, f"detector {detector_dir}")
     detector, meta = load_detector(detector_dir, classifier=wrapper.info.identity(), device=str(wrapper.device))
     return wrapper, detector, meta, MaskConfig.from_dict(meta["mask_config"])
 

@@ -19,6 +19,7 @@ from .attackset import load_attack_set
 from .distributed import context
 from .errors import AdvDetectError
 from .masks import MaskConfig, make_explainer
+from .models import check_same_classifier
 from .models.wrapper import ModelWrapper
 from .storage import ShardStore
 
@@ -75,11 +76,7 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
     config = config or MaskConfig()
     start = time.time()
     data = load_attack_set(attack_dir)
-    if data.manifest["job"]["model"] != model.info.identity():
-        raise AdvDetectError(
-            f"{attack_dir} was made with model {data.manifest['job']['model']['name']}, not {model.info.name}; "
-            "use the same --model"
-        )
+    check_same_classifier(data.manifest["job"]["model"], model.info.identity(), f"attack set {attack_dir}")
     device = model.device
     store = ShardStore(masks_dir(attack_dir, config.kind))
     store.start({"format": FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
@@ -137,11 +134,15 @@ def load_mask_set(attack_dir: str | os.PathLike, kind: str = "delete") -> dict[s
 def run_mask_set(attack_dir: str | os.PathLike, model: str | ModelWrapper | None = None, config: MaskConfig | None = None,
                  shard_size: int = 512, device: str = "auto", progress: bool = True) -> MaskSetSummary:
     """The ``masks`` command: load the attack set's model (or ``model``) and compute its masks."""
-    from .models import resolve_model
+    from .models import load_recorded_model, resolve_model
     from .storage import read_json
 
     manifest_path = Path(attack_dir) / "manifest.json"
     if not manifest_path.is_file():
         raise AdvDetectError(f"{attack_dir}: not an attack set (no manifest.json); create one with `advdetect attack`")
-    wrapper = resolve_model(model or read_json(manifest_path)["job"]["model"]["name"], device)
+    recorded = read_json(manifest_path).get("job", {}).get("model")
+    if model is None and not isinstance(recorded, dict):
+        raise AdvDetectError(f"{manifest_path}: no model recorded; the manifest is damaged")
+    wrapper = resolve_model(model, device) if model is not None else \
+        load_recorded_model(recorded, device, f"attack set {attack_dir}")
     return compute_mask_set(wrapper, attack_dir, config=config, shard_size=shard_size, progress=progress)

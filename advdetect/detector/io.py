@@ -71,12 +71,10 @@ def load_detector(directory: str | os.PathLike, classifier: dict[str, Any] | Non
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise AdvDetectError(f"{directory / META}: not an advdetect detector description")
     _check_meta(directory / META, meta)
-    if classifier is not None and meta["classifier"] != classifier:
-        raise AdvDetectError(
-            f"detector {directory} was built for classifier {meta['classifier']['name']} "
-            f"(sha256 {str(meta['classifier'].get('sha256'))[:12]}), not {classifier['name']} "
-            f"(sha256 {str(classifier.get('sha256'))[:12]}); use --model {meta['classifier']['name']} or retrain"
-        )
+    if classifier is not None:
+        from ..models import check_same_classifier
+
+        check_same_classifier(meta["classifier"], classifier, f"detector {directory}")
     state = load_tensors(directory / meta["weights"], sha256=meta["sha256"])
     params = dict(meta["params"], device=device)
     detector = MaskDetector(**params)

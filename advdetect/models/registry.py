@@ -29,18 +29,24 @@ from ..errors import AdvDetectError, UnknownNameError
 from ..storage import load_tensors, read_json, sha256_file
 from .cifar_cnn import CifarCNN
 from .pt2 import load_program
-from .wrapper import ModelInfo, ModelWrapper, as_tuple
+from .wrapper import ModelInfo, ModelWrapper, as_tuple, same_classifier
 
 BUILTIN_MODELS = ("cifar10-cnn",)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCHITECTURES = {"CifarCNN": CifarCNN}
+MODEL_FILE_SUFFIXES = (".pt2", ".pt", ".pth")
 
 
 def models_dir() -> Path:
-    """Where built-in weights live: ``$ADVDETECT_MODELS`` or the repository's data/models."""
+    """Where built-in weights live: ``$ADVDETECT_MODELS``, the source checkout's data/models, or,
+    in an installed wheel, the package data ``advdetect/builtin_models`` (the same files)."""
     env = os.environ.get("ADVDETECT_MODELS")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "data" / "models"
+    if env:
+        return Path(env)
+    package = Path(__file__).resolve().parents[1]
+    checkout = package.parent / "data" / "models"
+    return checkout if checkout.is_dir() else package / "builtin_models"
 
 
 def load_model(
@@ -56,7 +62,7 @@ def load_model(
         model = _load_builtin(spec)
     elif spec.startswith("torchvision:"):
         model = _load_torchvision(spec)
-    elif Path(spec).suffix in (".pt2", ".pt", ".pth"):
+    elif Path(spec).suffix in MODEL_FILE_SUFFIXES:
         model = _load_file(Path(spec), mean, std, input_size, classes)
     else:
         raise UnknownNameError("model", spec, [*BUILTIN_MODELS, "torchvision:<name>[:<weights>]", "<file>.pt2", "<file>.pt"])
@@ -70,6 +76,39 @@ def resolve_model(model: str | ModelWrapper, device: str = "auto") -> ModelWrapp
     if isinstance(model, ModelWrapper):
         return model
     return load_model(model, device=resolve_device(device))
+
+
+def load_recorded_model(identity: dict[str, Any], device: str = "auto", where: str = "") -> ModelWrapper:
+    """The classifier a detector or a stored set recorded (``ModelInfo.identity()``), checked to be the same.
+
+    A model file is loaded from its recorded absolute path with its recorded normalization, and
+    refused if its sha256 changed since. ``where`` names the record, for messages.
+    """
+    from ..device import resolve_device
+
+    name = str(identity.get("name", ""))
+    is_file = Path(name).suffix in MODEL_FILE_SUFFIXES
+    if is_file and not Path(name).is_file():
+        raise AdvDetectError(f"model file {name} recorded in {where or 'the record'} is missing; pass --model "
+                             "with the model's current location")
+    model = load_model(name, device=resolve_device(device), mean=identity.get("mean") if is_file else None,
+                       std=identity.get("std") if is_file else None,
+                       input_size=identity.get("input_size") if is_file else None)
+    check_same_classifier(identity, model.info.identity(), where)
+    return model
+
+
+def check_same_classifier(recorded: dict[str, Any], current: dict[str, Any], where: str) -> None:
+    """Raise :class:`AdvDetectError` unless ``current`` is the classifier ``recorded`` in ``where``."""
+    if same_classifier(recorded, current):
+        return
+    if recorded.get("name") == current.get("name") and recorded.get("sha256") != current.get("sha256"):
+        raise AdvDetectError(f"{where} was made with {recorded.get('name')} (sha256 "
+                             f"{str(recorded.get('sha256'))[:12]}), but that model's weights changed since (sha256 "
+                             f"{str(current.get('sha256'))[:12]}); restore them or start again")
+    raise AdvDetectError(f"{where} was made with classifier {recorded.get('name')} (sha256 "
+                         f"{str(recorded.get('sha256'))[:12]}), not {current.get('name')} (sha256 "
+                         f"{str(current.get('sha256'))[:12]}); use --model {recorded.get('name')} or start again")
 
 
 def _load_builtin(name: str) -> ModelWrapper:
@@ -159,7 +198,7 @@ def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
     classes = tuple(classes or meta.get("classes") or (f"class_{i}" for i in range(num)))
     if len(classes) != num:
         raise AdvDetectError(f"{path}: model has {num} outputs but {len(classes)} class names were given")
-    info = ModelInfo(path.name, classes, size, as_tuple(mean, channels, "mean"), as_tuple(std, channels, "std"),
+    info = ModelInfo(str(path.resolve()), classes, size, as_tuple(mean, channels, "mean"), as_tuple(std, channels, "std"),
                      sha256_file(path))
     return ModelWrapper(net, info)
 

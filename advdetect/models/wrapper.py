@@ -34,15 +34,35 @@ class ModelInfo:
         return len(self.classes)
 
     def identity(self) -> dict[str, Any]:
-        """What a detector records to check later that it is used with the same classifier."""
+        """What a detector or a stored set records to check later that it is used with the same classifier.
+
+        ``name`` is the spec that loads the model again: a built-in or torchvision name, or a
+        model file's absolute path (so it loads from any directory); ``sha256`` its weights.
+        """
         return {"name": self.name, "sha256": self.sha256, "input_size": list(self.input_size),
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, "mean": list(self.mean), "std": list(self.std)}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["classes"], d["input_size"] = list(self.classes), list(self.input_size)
         d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
+
+
+IDENTITY_KEYS = ("name", "sha256", "input_size", "num_classes", "mean", "std")
+
+
+def same_classifier(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether two identities name the same classifier.
+
+    Weights with a sha256 are the same classifier wherever the file lies (a moved file
+    matches); the other fields must agree where both record them (older records lack the
+    normalization).
+    """
+    keys = [k for k in IDENTITY_KEYS if k in recorded and k in current]
+    if recorded.get("sha256") and recorded.get("sha256") == current.get("sha256"):
+        keys.remove("name")
+    return all(recorded[k] == current[k] for k in keys)
 
 
 class ModelWrapper(nn.Module):

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from advdetect.errors import AdvDetectError, UnknownNameError
 from advdetect.models import load_model
@@ -93,3 +94,68 @@ def test_pickled_file_is_refused_not_executed(tmp_path, monkeypatch):
 def test_missing_model_file(tmp_path):
     with pytest.raises(AdvDetectError, match="no such file"):
         load_model(str(tmp_path / "none.pt2"))
+
+
+def _tiny_file(tmp_path):
+    """A 16-px TorchScript model whose normalization was given on the command line (no sidecar)."""
+    path = tmp_path / "models" / "tiny.pt"
+    path.parent.mkdir()
+    torch.jit.save(torch.jit.trace(_tiny_net(), torch.rand(1, 3, 16, 16)), str(path))
+    return path
+
+
+def test_model_file_recorded_by_absolute_path_and_sha(tmp_path, monkeypatch):
+    from advdetect.models import load_recorded_model
+
+    path = _tiny_file(tmp_path)
+    monkeypatch.chdir(path.parent)
+    identity = load_model("tiny.pt", mean=[0.5], std=[0.25], input_size=[16, 16]).info.identity()
+    assert identity["name"] == str(path.resolve()) and identity["mean"] == [0.5] * 3
+
+    monkeypatch.chdir(tmp_path)  # elsewhere, with no sidecar: the record alone loads it
+    again = load_recorded_model(identity, "cpu", "detector d")
+    assert again.info.identity() == identity
+
+    retrained = make_tiny_model(seed=1).net.eval()  # the file is replaced by another model under the record
+    torch.jit.save(torch.jit.trace(retrained, torch.rand(1, 3, 16, 16)), str(path))
+    with pytest.raises(AdvDetectError, match="changed since"):
+        load_recorded_model(identity, "cpu", "detector d")
+    path.unlink()
+    with pytest.raises(AdvDetectError, match="is missing; pass --model"):
+        load_recorded_model(identity, "cpu", "detector d")
+
+
+def test_detect_and_masks_find_a_model_file_from_another_directory(tmp_path, monkeypatch):
+    """`masks --in` and `detect` without --model, run from a directory other than the model's."""
+    from click.testing import CliRunner
+
+    from advdetect.cli import main
+    from advdetect.detector import MaskDetector, save_detector
+    from advdetect.masks import MaskConfig
+
+    path = _tiny_file(tmp_path)
+    monkeypatch.chdir(path.parent)
+    model = load_model("tiny.pt", mean=[0.5], std=[0.25], input_size=[16, 16])
+    det = MaskDetector(epochs=1, batch_size=8).fit(torch.rand(16, 1, 16, 16), torch.arange(16) % 2)
+    save_detector(tmp_path / "det", det, model.info.identity(), MaskConfig(iterations=3))
+    runner = CliRunner()
+    image = tmp_path / "a.png"
+    Image.new("RGB", (16, 16), (10, 200, 30)).save(image)
+    assert runner.invoke(main, ["attack", "--model", "tiny.pt", "--mean", "0.5", "--std", "0.25", "--input-size",
+                                "16", "--attack", "fgsm", "--n", "4", "--data", str(_folder(tmp_path)),
+                                "--out", str(tmp_path / "set")]).exit_code == 0
+
+    monkeypatch.chdir(tmp_path / "det")
+    result = runner.invoke(main, ["detect", str(image), "--detector", str(tmp_path / "det"), "--json"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["masks", "--in", str(tmp_path / "set"), "--iterations", "3", "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def _folder(tmp_path):
+    root = tmp_path / "folder"
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (16, 16), (i * 90, 40, 200)).save(root / cls / f"{i}.png")
+    return root
