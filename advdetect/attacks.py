@@ -17,12 +17,14 @@ Every attack takes and returns images in [0, 1]; the model wrapper normalizes.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
 import torch
 from torch import nn
 
+from .device import seeded
 from .errors import AdvDetectError, UnknownNameError, OptionError
 from .models.wrapper import frozen
 
@@ -105,11 +107,10 @@ def attack_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
                  seed: int | None = None) -> torch.Tensor:
     """Adversarial versions of ``images`` (float [0, 1], on the model's device).
 
-    The model is used frozen in eval mode and left exactly as it was.
+    The model is used frozen in eval mode and left exactly as it was; ``seed`` seeds the attack's
+    randomness (PGD's random start) without touching the caller's random state.
     """
-    if seed is not None:
-        torch.manual_seed(seed)
-    with frozen(model):
+    with frozen(model), (seeded(seed, images.device) if seed is not None else contextlib.nullcontext()):
         attack = build_attack(model, config)
         adv = attack(images, labels)
     if config.name in LINF_ATTACKS:  # guard against float drift past the budget

@@ -164,8 +164,8 @@ def emit(result: dict[str, Any], as_json: bool, render: Callable[[dict[str, Any]
         click.echo(render(result))
 
 
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
+def pct(x: float | None) -> str:
+    return "n/a" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 @click.group(cls=AdvDetectGroup, context_settings=CONTEXT)
@@ -370,7 +370,9 @@ def render_train(r: dict[str, Any]) -> str:
         tag = "" if m["trained_on"] else " (transfer)"
         lines.append(f"{name}{tag}: accuracy {pct(m['accuracy'])}, ROC-AUC {m['roc_auc']:.3f}, "
                      f"TPR {pct(m['tpr_at_5fpr'])} at 5% FPR, {pct(m['tpr_at_1fpr'])} at 1% FPR; "
-                     f"recovery top-1 {pct(m['recovery_top1'])}, top-5 {pct(m['recovery_top5'])}, harm {pct(m['harm'])}"
+                     f"recovery of flagged images top-1 {pct(m['flagged_recovery_top1'])}, top-5 "
+                     f"{pct(m['flagged_recovery_top5'])} (of all: {pct(m['recovery_top1'])} / {pct(m['recovery_top5'])}), "
+                     f"harm {pct(m['harm'])}"
                      f" [{m['n_clean']} clean / {m['n_adversarial']} adversarial]")
     return "\n".join(lines)
 
@@ -471,7 +473,8 @@ def render_evaluation(r: dict[str, Any]) -> str:
     for key, a in r["attacks"].items():
         lines.append(f"{key}: success {pct(a['attack_success'] or 0)}, detected {pct(a['detection_rate'] or 0)}, "
                      f"ROC-AUC {a['roc_auc'] or float('nan'):.3f}, TPR {pct(a['tpr_at_5fpr'] or 0)} at 5% FPR, "
-                     f"recovery {pct(a['recovery_top1'] or 0)} / {pct(a['recovery_top5'] or 0)}")
+                     f"recovery of flagged {pct(a['flagged_recovery_top1'] or 0)} / "
+                     f"{pct(a['flagged_recovery_top5'] or 0)}")
     if r["baselines"]["winner"]:
         lines.append("best heatmap per attack: " + ", ".join(f"{k} {w}" for k, w in r["baselines"]["winner"].items()))
     if r.get("adaptive"):

@@ -18,6 +18,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +33,7 @@ CIFAR10_CLASSES = (
 )
 DATASETS = ("cifar10",)
 SPLITS = ("train", "test")
+CIFAR10_SIZES = {"train": 50_000, "test": 10_000}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
@@ -110,6 +112,23 @@ def subset_indices(total: int, n: int | None, seed: int, offset: int = 0) -> tor
         raise OptionError(f"asked for {n} images from position {offset} of {total}: there are only {total}")
     gen = torch.Generator().manual_seed(seed)
     return torch.randperm(total, generator=gen)[offset:offset + n]
+
+
+def subset_record(split: str, n: int, seed: int, offset: int = 0, dataset: str = "cifar10") -> dict[str, Any]:
+    """Which images a seeded CIFAR-10 subset holds (see :func:`subset_indices`), as recorded in
+    detector.json so that an evaluation can refuse images the detector was fitted or calibrated on."""
+    indices = subset_indices(CIFAR10_SIZES[split], n, seed, offset).tolist()
+    return {"dataset": dataset, "split": split, "seed": seed, "offset": offset, "indices": indices}
+
+
+def shared_images(records: list[dict[str, Any]], other: dict[str, Any]) -> set[int]:
+    """Indices of ``other`` (a :func:`subset_record`) that any of ``records`` holds too (same dataset and split)."""
+    mine = set(other["indices"])
+    shared: set[int] = set()
+    for record in records:
+        if record.get("dataset") == other["dataset"] and record.get("split") == other["split"]:
+            shared |= mine & set(record.get("indices", ()))
+    return shared
 
 
 def _decode(path: Path, size: tuple[int, int] | None) -> torch.Tensor:

@@ -13,8 +13,10 @@ Without torchrun (or with ``WORLD_SIZE=1``) everything here is a no-op.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -51,8 +53,25 @@ class Context:
             dist.barrier()
 
 
+_alone = threading.local()
+
+
+@contextlib.contextmanager
+def single_process() -> Iterator[None]:
+    """Within the block this process works alone (``context()`` is a one-process job): for work
+    only rank 0 does after the shared stages, which must not wait for the other ranks."""
+    before = getattr(_alone, "active", False)
+    _alone.active = True
+    try:
+        yield
+    finally:
+        _alone.active = before
+
+
 def context() -> Context:
     """The current job: the process group's view when one is initialized, else a single process."""
+    if getattr(_alone, "active", False):
+        return Context()
     if dist.is_available() and dist.is_initialized():
         return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
     return Context()

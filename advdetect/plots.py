@@ -1,4 +1,5 @@
-"""Figures (matplotlib, headless Agg backend)."""
+"""Figures, drawn on ``matplotlib.figure.Figure`` directly: no pyplot, so the caller's backend
+(a notebook's, say) is never switched and nothing is left open."""
 
 from __future__ import annotations
 
@@ -6,15 +7,6 @@ import os
 from collections.abc import Sequence
 
 import torch
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _hwc(image: torch.Tensor):
@@ -29,8 +21,10 @@ def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch
     A two-channel mask (``game="both"``: [preserve, delete]) is drawn by its deletion channel."""
     from .storage import atomic_path
 
-    plt = _plt()
-    fig, axes = plt.subplots(1, 4, figsize=(14, 3.6), gridspec_kw={"width_ratios": [1, 1, 1, 1.5]})
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(14, 3.6))
+    axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.5]})
     axes[0].imshow(_hwc(image), interpolation="nearest")
     axes[0].set_title(f"input: {classes[target]} ({probs_before[target]:.1%})")
     heat = axes[1].imshow(1 - mask.detach().cpu()[-1].numpy(), cmap="jet", vmin=0, vmax=1,
@@ -56,4 +50,3 @@ def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch
     suffix = os.path.splitext(str(path))[1].lstrip(".").lower() or "png"
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format=suffix, dpi=110)
-    plt.close(fig)

@@ -109,6 +109,11 @@ class RecoveryMetrics:
     harm_unconditional: float  # recovery (nothing ruled out) applied to every clean correct image changes its label
     mask_recovery_top1: float  # the paper's recovery (deletion mask applied back), for reference
     mask_recovery_top5: float
+    # the deployed pipeline (detect, then recover only what is flagged); None without adversarial verdicts
+    n_flagged: int | None = None  # successful adversarial images the detector flags
+    flagged_recovery_top1: float | None = None  # recovery over the flagged adversarial images only
+    flagged_recovery_top5: float | None = None
+    pipeline_recovery_top1: float | None = None  # of all successful adversarial images: flagged and recovered
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,13 +122,17 @@ class RecoveryMetrics:
 def recovery_metrics(model: ModelWrapper, clean: torch.Tensor, adv: torch.Tensor, labels: torch.Tensor,
                      clean_pred: torch.Tensor, adv_pred: torch.Tensor, clean_masks: torch.Tensor,
                      adv_masks: torch.Tensor, clean_flagged: torch.Tensor | None = None,
-                     mask_config: MaskConfig | None = None, recovery: RecoveryConfig | None = None) -> RecoveryMetrics:
+                     mask_config: MaskConfig | None = None, recovery: RecoveryConfig | None = None,
+                     adv_flagged: torch.Tensor | None = None) -> RecoveryMetrics:
     """Recovery over successful attacks and harm over correctly classified clean images.
 
-    Recovery treats every successful adversarial image as flagged (it measures what the
-    pipeline gives back once the detector has flagged an image). ``clean_flagged`` (bool per
-    image) says which clean images the detector flags; only those are "recovered" in the
-    deployed pipeline, so only those can be harmed.
+    ``recovery_top1/top5`` treat every successful adversarial image as flagged (what recovery
+    gives back once an image is flagged). ``adv_flagged`` (bool per image) says which
+    adversarial images the detector really flags: ``flagged_recovery_*`` is recovery over
+    those alone, and ``pipeline_recovery_top1`` the share of all successful adversarial images
+    that the deployed pipeline (detect, then recover what is flagged) gives back with the clean
+    label. ``clean_flagged`` says which clean images the detector flags; only those are
+    "recovered" in the deployed pipeline, so only those can be harmed.
     """
     recovery = recovery or RecoveryConfig()
     correct = clean_pred == labels
@@ -157,5 +166,16 @@ def recovery_metrics(model: ModelWrapper, clean: torch.Tensor, adv: torch.Tensor
         harm_unconditional=frac(rec_plain.top1 != pred_c),
         mask_recovery_top1=frac(paper.top1 == clean_label),
         mask_recovery_top5=frac((paper.top5 == clean_label[:, None]).any(1)),
+        **_deployed(rec_adv, clean_label, None if adv_flagged is None else adv_flagged[success.cpu()].bool(), frac),
     )
+
+
+def _deployed(rec_adv: Recovery, clean_label: torch.Tensor, flagged: torch.Tensor | None, frac) -> dict[str, Any]:
+    """Recovery as deployed: only the adversarial images the detector flags are recovered."""
+    if flagged is None:
+        return {}
+    hit1 = rec_adv.top1 == clean_label
+    hit5 = (rec_adv.top5 == clean_label[:, None]).any(1)
+    return {"n_flagged": int(flagged.sum()), "flagged_recovery_top1": frac(hit1[flagged]),
+            "flagged_recovery_top5": frac(hit5[flagged]), "pipeline_recovery_top1": frac(hit1 & flagged)}
 

@@ -27,7 +27,7 @@ import torch
 
 from .attacks import AttackConfig, parse_eps
 from .attackset import generate_attack_set, load_attack_set
-from .data import load_dataset
+from .data import load_dataset, subset_record
 from .distributed import context
 from .detector import MaskDetector, detection_metrics, save_detector
 from .masks import MaskConfig
@@ -116,10 +116,12 @@ def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
     labels = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(adv_scores))])
     detection = detection_metrics(labels, np.concatenate([clean_scores, adv_scores]), detector.threshold_)
     flagged = torch.as_tensor(detector.predict(m["clean_mask"]).astype(bool))
+    adv_flagged = torch.as_tensor(detector.predict(m["adv_mask"]).astype(bool))
     rec_config = mask_config.for_recovery()
     r = m if rec_config.kind == mask_config.kind else load_mask_set(directory, rec_config.kind)
     recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, r["clean_mask"],
-                                r["adv_mask"], clean_flagged=flagged, mask_config=rec_config, recovery=recovery)
+                                r["adv_mask"], clean_flagged=flagged, mask_config=rec_config, recovery=recovery,
+                                adv_flagged=adv_flagged)
     attack = s.manifest["job"]["attack"]
     return {"attack": attack, **s.manifest["metrics"], **detection, **recovery.to_dict()}
 
@@ -198,10 +200,21 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                       extra={"recovery_config": mask_config.for_recovery().to_dict(), "recovery": recovery.to_dict(),
                              "attacks": report.attacks, "metrics": metrics, "history": detector.history_,
                              "n_train": n, "n_eval": n_eval, "calibrated_on": calibrate_on,
-                             "n_calibration": report.n_calibration, "seed": seed})
+                             "n_calibration": report.n_calibration, "seed": seed,
+                             "images": image_records(n, n_fit, n_eval, n_calibration, calibrate_on, seed)})
         write_json(out / "report.json", report.to_dict())
     ctx.barrier()
     return report
+
+
+def image_records(n: int, n_fit: int, n_eval: int, n_calibration: int, calibrate_on: str,
+                  seed: int) -> dict[str, Any]:
+    """The images the detector was fitted and calibrated on, and the held-out ones (CIFAR-10 indices)."""
+    train = subset_record("train", n, seed)
+    fit = dict(train, indices=train["indices"][:n_fit])
+    calibration = (subset_record("test", n_calibration, seed + 1, offset=n_eval) if calibrate_on == "test"
+                   else dict(train, indices=train["indices"][n_fit:]))
+    return {"fit": fit, "calibration": calibration, "held_out": subset_record("test", n_eval, seed + 1)}
 
 
 def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:

@@ -26,7 +26,8 @@ from advdetect.masks import MaskConfig  # noqa: E402
 from advdetect.recovery import RECOVERY_METHODS, RecoveryConfig  # noqa: E402
 from advdetect.training import run_train  # noqa: E402
 
-KEYS = ("accuracy", "roc_auc", "tpr_at_5fpr", "tpr_at_1fpr", "recovery_top1", "recovery_top5",
+KEYS = ("accuracy", "roc_auc", "tpr_at_5fpr", "tpr_at_1fpr", "flagged_recovery_top1", "flagged_recovery_top5",
+        "pipeline_recovery_top1", "n_flagged", "recovery_top1", "recovery_top5",
         "recovery_ground_truth", "harm", "harm_unconditional", "mask_recovery_top1", "mask_recovery_top5", "n_clean", "n_adversarial", "success_rate",
         "clean_accuracy")
 

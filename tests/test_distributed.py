@@ -53,3 +53,25 @@ def test_two_gloo_ranks_equal_one_process(tmp_path):
         assert m1["n_clean"] == m2["n_clean"] and m1["n_adversarial"] == m2["n_adversarial"]
         assert abs(m1["roc_auc"] - m2["roc_auc"]) <= 0.15, (m1["roc_auc"], m2["roc_auc"])
     assert (tmp_path / "two" / "detector.json").is_file()
+
+
+def test_evaluate_under_two_gloo_ranks_rank_zero_alone_reports(quick_detector, tmp_path):
+    """Both ranks share the attacks and masks; only rank 0 computes the rest and writes the report."""
+    out = tmp_path / "eval"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "advdetect", "--", "-v", "evaluate", "--detector", str(quick_detector), "--out",
+                           str(out), "--n", "16", "--attacks", "fgsm", "--eps", "8/255", "--baselines", "raw_image",
+                           "--n-baseline", "16", "--no-adaptive", "--data-dir", str(SHARED_DATA), "--json"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0])["attacks"]["fgsm@8/255"]["n_clean"] > 0
+    for stage in ("detector_metrics", "transfer_matrix", "baselines"):  # once, by rank 0, not once per rank
+        assert proc.stderr.count(f"evaluation stage: {stage}") == 1, (stage, proc.stderr[-3000:])
+    assert proc.stderr.count("evaluation stage: attacks_and_masks") == 2  # the shared stage runs on both
+    assert "rank 1: attack sets and masks done" in proc.stderr
+    for name in ("report.html", "report.json", "report.md"):
+        assert (out / name).is_file()
+    masks = json.loads((out / "work" / "fgsm-8-255" / "masks" / "manifest.json").read_text())
+    assert masks["complete"] and len(masks["shards"]) == 1

@@ -3,23 +3,19 @@
 ``MaskDetector().fit(masks, y)`` trains :class:`MaskAlexNet` (y = 1 for adversarial) with a
 stratified validation split and early stopping on validation loss, then calibrates
 ``threshold_`` so that at most ``fpr`` of the validation clean masks score above it. Call
-:meth:`calibrate` with separate held-out clean masks to recalibrate.
+:meth:`calibrate` with separate held-out clean masks to recalibrate. The training loop itself
+(and its data-parallel form under torchrun) lives in :mod:`advdetect.detector.fitting`.
 """
 
 from __future__ import annotations
 
-import copy
 import inspect
 import logging
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
-from ..distributed import Context, context
 from ..errors import OptionError
 from .metrics import threshold_for_fpr
 from .network import MaskAlexNet
@@ -71,7 +67,18 @@ class MaskDetector:
             raise OptionError("epochs and batch_size must be at least 1")
 
     def fit(self, X: torch.Tensor, y: torch.Tensor | np.ndarray) -> MaskDetector:
-        """Train on masks ``X`` with labels ``y`` (0 clean, 1 adversarial); returns self."""
+        """Train on masks ``X`` with labels ``y`` (0 clean, 1 adversarial); returns self.
+
+        A stratified ``val_fraction`` of the masks is held out for early stopping, and the
+        threshold is then calibrated on that split's clean masks (``fpr`` of them flagged):
+        ``fit`` leaves a usable detector. Call :meth:`calibrate` with clean masks of images
+        never seen in fitting (what ``advdetect train`` does) for an honest threshold.
+        Randomness (initialization, minibatches, flips, dropout) comes from ``seed`` alone; the
+        caller's global random state is left as it was.
+        """
+        from ..device import seeded
+        from .fitting import FitSettings, fit_network
+
         self._check_params()
         X, y = _as_masks(X), torch.as_tensor(np.asarray(y), dtype=torch.float32)
         if X.shape[0] != y.shape[0]:
@@ -79,60 +86,21 @@ class MaskDetector:
         if set(y.unique().tolist()) != {0.0, 1.0}:
             raise ValueError("y must hold both classes, 0 (clean) and 1 (adversarial)")
         gen = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
         train_idx, val_idx = _stratified_split(y, self.val_fraction, gen)
         device = torch.device(self.device)
-        net = MaskAlexNet(in_channels=X.shape[1], dropout=self.dropout).to(device)
-        ctx = context()
-        # under torchrun: DistributedDataParallel, every rank a slice of each minibatch
-        model = net if not ctx.enabled else DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=self.epochs)
-        Xt, yt = X[train_idx].to(device), y[train_idx].to(device)
-        Xv, yv = X[val_idx].to(device), y[val_idx].to(device)
-        best, best_state, bad, history = float("inf"), None, 0, []
-        for epoch in range(self.epochs):
-            net.train()
-            perm = torch.randperm(len(yt), generator=gen).to(device)
-            total = torch.zeros((), device=device)
-            for start in range(0, len(perm), self.batch_size):
-                idx = perm[start:start + self.batch_size]
-                xb = _augment(Xt[idx], gen) if self.augment else Xt[idx]  # every rank draws the same
-                opt.zero_grad(set_to_none=True)
-                if ctx.enabled:
-                    mine = slice(ctx.rank, None, ctx.world_size)
-                    # summed over this rank's slice / the whole batch, times the ranks DDP averages over:
-                    # the gradient is the single-process mean over the batch
-                    loss = F.binary_cross_entropy_with_logits(model(xb[mine]), yt[idx][mine], reduction="sum")
-                    (loss * ctx.world_size / len(idx)).backward()
-                    total += loss.detach()
-                else:
-                    loss = F.binary_cross_entropy_with_logits(net(xb), yt[idx])
-                    loss.backward()
-                    total += loss.detach() * len(idx)
-                opt.step()
-            sched.step()
-            if ctx.enabled:
-                dist.all_reduce(total)
-            train_loss = float(total) / len(yt)
-            val_loss = self._loss(net, Xv, yv)
-            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss})
-            log.info("detector epoch %d train %.4f val %.4f", epoch + 1, train_loss, val_loss)
-            if val_loss < best - 1e-4:
-                best, best_state, bad = val_loss, copy.deepcopy(net.state_dict()), 0
-            else:
-                bad += 1
-            if _agreed(bad >= self.patience, ctx):
-                break
-        net.load_state_dict(best_state)
-        net.eval()
+        with seeded(self.seed, device):
+            net = MaskAlexNet(in_channels=X.shape[1], dropout=self.dropout).to(device)
+        settings = FitSettings(epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay,
+                               batch_size=self.batch_size, patience=self.patience, augment=self.augment)
+        result = fit_network(net, X[train_idx], y[train_idx], X[val_idx], y[val_idx], settings, gen)
         self.network_ = net
-        self.history_ = history
-        self.best_val_loss_ = best
+        self.history_ = result.history
+        self.best_val_loss_ = result.best_val_loss
         self.n_features_in_ = tuple(X.shape[1:])
         self.classes_ = np.array([0, 1])
-        self.calibrate(Xv[yv == 0])
+        self.calibrate(X[val_idx][y[val_idx] == 0])
+        log.info("detector calibrated on its %d validation clean masks (threshold %.3f); recalibrate on unseen "
+                 "clean masks with calibrate()", self.n_calibration_, self.threshold_)
         return self
 
     def calibrate(self, clean_masks: torch.Tensor, fpr: float | None = None) -> MaskDetector:
@@ -161,13 +129,18 @@ class MaskDetector:
         return torch.cat(out).numpy() if out else np.empty(0, dtype=np.float32)
 
     def predict_proba(self, X: torch.Tensor) -> np.ndarray:
-        """N x 2: probabilities of clean and adversarial (uncalibrated sigmoid of the score)."""
-        p = 1 / (1 + np.exp(-self.decision_function(X).astype(np.float64)))
+        """N x 2: scores of clean and adversarial, ``sigmoid(score - threshold_)``.
+
+        Centred on the calibrated threshold, so ``predict`` is exactly ``predict_proba(X)[:, 1] >
+        0.5``. A monotone map of the score, not a calibrated probability: the threshold is what
+        ``fit`` or :meth:`calibrate` set for the chosen false-positive rate.
+        """
+        p = 1 / (1 + np.exp(-(self.decision_function(X).astype(np.float64) - self._threshold())))
         return np.stack([1 - p, p], axis=1)
 
     def predict(self, X: torch.Tensor) -> np.ndarray:
         """1 (adversarial) where the score exceeds the calibrated threshold, else 0."""
-        return (self.decision_function(X) > self.threshold_).astype(int)
+        return (self.decision_function(X) > self._threshold()).astype(int)
 
     def score(self, X: torch.Tensor, y: torch.Tensor | np.ndarray) -> float:
         return float((self.predict(X) == np.asarray(y).astype(int)).mean())
@@ -178,20 +151,11 @@ class MaskDetector:
             raise RuntimeError("this MaskDetector is not fitted yet; call fit(X, y) or load a saved detector")
         return self.network_
 
-    @staticmethod
-    def _loss(net: MaskAlexNet, X: torch.Tensor, y: torch.Tensor) -> float:
-        net.eval()
-        with torch.no_grad():
-            return float(F.binary_cross_entropy_with_logits(net(X), y).item())
-
-
-def _agreed(flag: bool, ctx: Context) -> bool:
-    """Rank 0's decision, so that every rank leaves the training loop together."""
-    if not ctx.enabled:
-        return flag
-    t = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.broadcast(t, 0)
-    return bool(t.item())
+    def _threshold(self) -> float:
+        self._fitted()
+        if not hasattr(self, "threshold_"):
+            raise RuntimeError("this MaskDetector has no threshold yet; call calibrate(clean_masks)")
+        return self.threshold_
 
 
 def _as_masks(X: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -212,9 +176,3 @@ def _stratified_split(y: torch.Tensor, fraction: float, gen: torch.Generator) ->
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.cat(train), torch.cat(val)
-
-
-def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random horizontal flips (a mask's meaning is mirror-symmetric)."""
-    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..detector import MaskDetector
+from ..device import seeded
 from ..masks import MaskConfig, make_explainer
 from ..models.wrapper import ModelWrapper, frozen
 from ..errors import OptionError
@@ -59,11 +60,11 @@ def train_surrogate(images: torch.Tensor, masks: torch.Tensor, epochs: int = 15,
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
+    with seeded(seed, device):  # the network's initialization; the caller's random state is kept
+        net = MaskSurrogate(channels=masks.shape[1]).to(device)
     perm = torch.randperm(len(images), generator=gen)
     n_val = max(1, len(images) // 10)
     val, fit = perm[:n_val], perm[n_val:]
-    net = MaskSurrogate(channels=masks.shape[1]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * ((len(fit) + batch_size - 1)
                                                                                       // batch_size))

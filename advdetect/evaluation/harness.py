@@ -16,6 +16,7 @@ evaluated; every method uses the same halves. Baselines run on the first ``n_bas
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import platform
@@ -24,15 +25,17 @@ from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 
 from ..attacks import LINF_ATTACKS, AttackConfig, parse_eps
 from ..attackset import generate_attack_set, load_attack_set
-from ..data import load_dataset
+from ..data import CIFAR10_SIZES, load_dataset, shared_images, subset_record
 from ..detector import MaskDetector, detection_metrics, tpr_at_fpr
 from ..detector.io import library_versions
+from ..distributed import context, single_process
 from ..errors import AdvDetectError, UnknownNameError, OptionError
 from ..masks import MaskConfig, make_explainer
 from ..masks.config import METHODS as MASK_METHODS
@@ -178,13 +181,22 @@ class Timer:
     def add(self, stage: str, start: float) -> None:
         self.seconds[stage] = round(self.seconds.get(stage, 0.0) + time.time() - start, 1)
 
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time (and log) one stage of the evaluation."""
+        log.info("evaluation stage: %s", name)
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.add(name, start)
+
 
 def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, config: EvaluateConfig | None = None,
                    data_dir: str | os.PathLike | None = None, device: str = "auto",
                    progress: bool = True) -> dict[str, Any]:
     """Evaluate the detector in ``detector_dir``; write report.{json,html,md} under ``out``; return the report."""
     from ..inference import _setup, recovery_config, recovery_settings
-    from .report import write_reports
 
     config = config or EvaluateConfig()
     start_all = time.time()
@@ -193,66 +205,71 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     wrapper, detector, meta, mask_config = _setup(detector_dir, None, device)
     rec_config = recovery_config(meta, mask_config)
     recovery = recovery_settings(meta)
-    calibrated_on = meta.get("calibrated_on", "train")
-    if (calibrated_on == "test" and meta.get("seed") == config.seed and "n_eval" in meta
-            and config.n > meta["n_eval"]):
-        raise AdvDetectError(f"--n {config.n} would take in the detector's calibration images (it holds out "
-                             f"{meta['n_eval']} test images); use --n {meta['n_eval']} or fewer")
-    torch.manual_seed(config.seed)
+    check_unseen(meta, subset_record("test", config.n, config.seed + 1), config)
 
-    t = time.time()
-    data = load_dataset("cifar10", split="test", n=config.n, seed=config.seed + 1, data_dir=data_dir,
-                        progress=progress)
+    ctx = context()
+    with timer.stage("attacks_and_masks"):  # shared by every rank under torchrun, shard by shard
+        data = load_dataset("cifar10", split="test", n=config.n, seed=config.seed + 1, data_dir=data_dir,
+                            progress=progress)
+        directories, first = {}, None
+        for spec in sweep(config):
+            directory = out / "work" / spec.dirname
+            generate_attack_set(wrapper, data, spec.config(), directory, batch_size=config.batch_size,
+                                seed=config.seed, progress=progress,
+                                data_description={"dataset": "cifar10", "split": "test", "n": config.n,
+                                                  "seed": config.seed + 1})
+            for cfg in dict.fromkeys([mask_config, rec_config]):  # detection masks, and deletion masks to recover
+                compute_mask_set(wrapper, directory, config=cfg, progress=progress, reuse_clean_from=first,
+                                 shard_size=config.shard_size)
+            first = first or directory
+            directories[spec.key] = (spec, directory)
+    if not ctx.is_main:  # the rest is rank 0's alone: the other ranks are done
+        log.info("rank %d: attack sets and masks done; rank 0 writes the report", ctx.rank)
+        return {"rank": ctx.rank, "out": str(out)}
+    with single_process():
+        return _report(detector_dir, out, config, wrapper, detector, meta, mask_config, rec_config, recovery,
+                       directories, timer, start_all, progress)
+
+
+def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: MaskDetector, meta: dict[str, Any],
+            mask_config: MaskConfig, rec_config: MaskConfig, recovery: RecoveryConfig,
+            directories: dict[str, tuple[Spec, Path]], timer: Timer, start_all: float,
+            progress: bool) -> dict[str, Any]:
+    """Everything after the shared attack and mask stages, in one process: metrics, comparisons, report files."""
+    from .report import write_reports
+
     sets: dict[str, SetData] = {}
-    first = None
-    for spec in sweep(config):
-        directory = out / "work" / spec.dirname
-        generate_attack_set(wrapper, data, spec.config(), directory, batch_size=config.batch_size,
-                            seed=config.seed, progress=progress,
-                            data_description={"dataset": "cifar10", "split": "test", "n": config.n,
-                                              "seed": config.seed + 1})
-        for cfg in dict.fromkeys([mask_config, rec_config]):  # detection masks, and deletion masks to recover
-            compute_mask_set(wrapper, directory, config=cfg, progress=progress, reuse_clean_from=first,
-                             shard_size=config.shard_size)
-        first = first or directory
+    for key, (spec, directory) in directories.items():
         s, m = load_attack_set(directory), load_mask_set(directory, mask_config.kind)
         r = m if rec_config.kind == mask_config.kind else load_mask_set(directory, rec_config.kind)
-        sets[spec.key] = SetData(spec, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, m["clean_mask"],
-                                 m["adv_mask"], s.manifest, r["clean_mask"], r["adv_mask"])
-    timer.add("attacks_and_masks", t)
+        sets[key] = SetData(spec, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, m["clean_mask"],
+                            m["adv_mask"], s.manifest, r["clean_mask"], r["adv_mask"])
 
-    t = time.time()
-    any_set = next(iter(sets.values()))
-    clean_scores = detector.decision_function(any_set.clean_mask)
-    correct = any_set.correct.numpy()
-    clean_section = {"n": int(len(any_set.labels)), "accuracy": float(correct.mean()),
-                     "detector_fpr": float((clean_scores[correct] > detector.threshold_).mean()),
-                     "threshold": detector.threshold_, "calibration_fpr": detector.calibration_fpr_,
-                     "calibrated_on": calibrated_on}
-    per_attack = {key: _set_metrics(wrapper, detector, rec_config, recovery, sd, clean_scores)
-                  for key, sd in sets.items()}
-    timer.add("detector_metrics", t)
+    with timer.stage("detector_metrics"):
+        any_set = next(iter(sets.values()))
+        clean_scores = detector.decision_function(any_set.clean_mask)
+        correct = any_set.correct.numpy()
+        clean_section = {"n": int(len(any_set.labels)), "accuracy": float(correct.mean()),
+                         "detector_fpr": float((clean_scores[correct] > detector.threshold_).mean()),
+                         "threshold": detector.threshold_, "calibration_fpr": detector.calibration_fpr_,
+                         "calibrated_on": meta.get("calibrated_on", "train")}
+        per_attack = {key: _set_metrics(wrapper, detector, rec_config, recovery, sd, clean_scores)
+                      for key, sd in sets.items()}
 
-    t = time.time()
     half = config.n // 2
-    transfer = _transfer_matrix([sets[s.key] for s in main_specs(config)], half, config.seed)
-    timer.add("transfer_matrix", t)
-
-    t = time.time()
-    baselines = _baselines(wrapper, [sets[s.key] for s in main_specs(config)], config, timer)
-    timer.add("baselines", t)
-
+    main_sets = [sets[s.key] for s in main_specs(config)]
+    with timer.stage("transfer_matrix"):
+        transfer = _transfer_matrix(main_sets, half, config.seed)
+    with timer.stage("baselines"):
+        baselines = _baselines(wrapper, main_sets, config, timer)
     methods = None
     if config.methods:
-        t = time.time()
-        methods = _method_comparison(wrapper, mask_config, [sets[s.key] for s in main_specs(config)], config)
-        timer.add("mask_methods", t)
-
+        with timer.stage("mask_methods"):
+            methods = _method_comparison(wrapper, mask_config, main_sets, config)
     adaptive = None
     if config.adaptive:
-        t = time.time()
-        adaptive = _adaptive(wrapper, detector, mask_config, list(sets.values()), half, config, progress)
-        timer.add("adaptive", t)
+        with timer.stage("adaptive"):
+            adaptive = _adaptive(wrapper, detector, mask_config, list(sets.values()), half, config, progress)
 
     gallery_set = sets[main_specs(config)[0].key] if "bim" not in config.attacks else \
         sets[Spec("bim", config.main_eps).key]
@@ -287,6 +304,30 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     return report
 
 
+def reserved_images(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The images a detector was fitted and calibrated on (detector.json's ``images``).
+
+    Detectors from before that record are reconstructed from their seed: calibrated on test
+    images, they used some of those after their ``n_eval`` held-out ones in the seeded order,
+    so every test image after those counts as reserved.
+    """
+    if isinstance(meta.get("images"), dict):
+        return [meta["images"][k] for k in ("fit", "calibration") if isinstance(meta["images"].get(k), dict)]
+    if meta.get("calibrated_on") == "test" and isinstance(meta.get("seed"), int) and isinstance(meta.get("n_eval"), int):
+        return [subset_record("test", CIFAR10_SIZES["test"] - meta["n_eval"], meta["seed"] + 1, offset=meta["n_eval"])]
+    return []
+
+
+def check_unseen(meta: dict[str, Any], images: dict[str, Any], config: EvaluateConfig) -> None:
+    """Refuse to evaluate on images the detector was fitted or calibrated on (compared by identity)."""
+    shared = shared_images(reserved_images(meta), images)
+    if shared:
+        raise AdvDetectError(f"{len(shared)} of the {config.n} evaluation images (--n {config.n}, --seed "
+                             f"{config.seed}) were used to fit or calibrate this detector; evaluate with the "
+                             f"detector's seed ({meta.get('seed')}) and --n {meta.get('n_eval')} or fewer, which "
+                             "are its held-out images")
+
+
 def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, recovery: RecoveryConfig, sd: SetData,
                  clean_scores: np.ndarray) -> dict[str, Any]:
     from sklearn.metrics import roc_curve
@@ -300,7 +341,8 @@ def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, recove
     rec_clean = sd.clean_mask if sd.rec_clean_mask is None else sd.rec_clean_mask
     rec_adv = sd.adv_mask if sd.rec_adv_mask is None else sd.rec_adv_mask
     rec = recovery_metrics(wrapper, sd.clean, sd.adv, sd.labels, sd.clean_pred, sd.adv_pred, rec_clean, rec_adv,
-                           clean_flagged=flagged, mask_config=rec_config, recovery=recovery).to_dict()
+                           clean_flagged=flagged, mask_config=rec_config, recovery=recovery,
+                           adv_flagged=torch.as_tensor(adv_scores > detector.threshold_)).to_dict()
     roc = {}
     if success.any():
         fpr, tpr, _ = roc_curve(labels, scores)
@@ -318,6 +360,8 @@ def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, recove
         "recovery_ground_truth": rec["recovery_ground_truth"],
         "recovery_ground_truth_top5": rec["recovery_ground_truth_top5"],
         "mask_recovery_top1": rec["mask_recovery_top1"], "mask_recovery_top5": rec["mask_recovery_top5"],
+        "flagged_recovery_top1": rec["flagged_recovery_top1"], "flagged_recovery_top5": rec["flagged_recovery_top5"],
+        "pipeline_recovery_top1": rec["pipeline_recovery_top1"],
         "harm": rec["harm"], "n_clean": int(correct.sum()), "n_adversarial": int(success.sum()), "roc": roc,
     }
 

@@ -99,24 +99,24 @@ def _nan(x: Any) -> float:
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
-    plt.close(fig)
     return buf.getvalue()
 
 
+def _subplots(figsize: tuple[float, float], rows: int = 1, cols: int = 1, **kwargs: Any):
+    """A figure and its axes without pyplot (the caller's matplotlib backend is left alone)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(rows, cols, **kwargs)
+
+
 def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], classes: list[str]) -> dict[str, bytes]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     figs: dict[str, bytes] = {}
     attacks = report["attacks"]
     main = [k for k in attacks if attacks[k]["eps"] is None or attacks[k]["eps"] == max(report["config"]["eps"])]
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    fig, ax = _subplots((5.5, 4.5))
     for key in main:
         roc = attacks[key]["roc"]
         if roc:
@@ -129,7 +129,7 @@ def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cl
 
     linf = sorted({a["attack"] for a in attacks.values() if a["eps"] is not None})
     if linf:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+        fig, ax = _subplots((5.5, 4))
         for name in linf:
             pts = sorted((a["eps"] * 255, _nan(a["detection_rate"]), _nan(a["success_against_detector"]))
                          for a in attacks.values() if a["attack"] == name)
@@ -144,7 +144,7 @@ def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cl
         rows, cols = tr["trained_on"], tr["tested_on"]
         grid = [[float("nan") if tr["matrix"][r][c]["roc_auc"] is None else tr["matrix"][r][c]["roc_auc"]
                  for c in cols] for r in rows]
-        fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(cols), 0.8 + 0.6 * len(rows)))
+        fig, ax = _subplots((1.0 + 0.9 * len(cols), 0.8 + 0.6 * len(rows)))
         im = ax.imshow(grid, vmin=0.5, vmax=1.0, cmap="viridis")
         ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
         ax.set_yticks(range(len(rows)), rows)
@@ -159,7 +159,7 @@ def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cl
     bl = report["baselines"]
     if bl["results"]:
         keys = list(next(iter(bl["results"].values())))
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = _subplots((7, 4))
         width = 0.8 / len(bl["methods"])
         for i, m in enumerate(bl["methods"]):
             ax.bar([k + i * width for k in range(len(keys))], [bl["results"][m][k]["roc_auc"] or 0.0 for k in keys],
@@ -171,7 +171,7 @@ def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cl
 
     ad = report.get("adaptive")
     if ad:
-        fig, ax = plt.subplots(figsize=(5.5, 4))
+        fig, ax = _subplots((5.5, 4))
         eps = [r["eps"] * 255 for r in ad["sweep"]]
         ax.plot(eps, [_nan(r["success"]) for r in ad["sweep"]], "o-", label="success (real pipeline)")
         ax.plot(eps, [_nan(r["surrogate_success"]) for r in ad["sweep"]], "x--", label="success (attacker's surrogate)")
@@ -181,7 +181,7 @@ def _figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cl
         figs["adaptive"] = _png(fig)
 
     if pictures:
-        fig, axes = plt.subplots(len(pictures), 4, figsize=(6, 1.6 * len(pictures)), squeeze=False)
+        fig, axes = _subplots((6, 1.6 * len(pictures)), len(pictures), 4, squeeze=False)
         for row, (pic, meta) in enumerate(zip(pictures, report["gallery"])):
             for col, (key, title) in enumerate((("clean", f"clean: {classes[meta['clean_pred']]}"),
                                                 ("clean_mask", f"mask, score {meta['clean_score']:+.2f}"),
@@ -220,6 +220,9 @@ def _tables(report: dict[str, Any]) -> tuple[Html, list[str]]:
     cols = [("attack_success", "attack success", pct), ("detection_rate", "detected at threshold", pct),
             ("success_against_detector", "fools classifier + detector", pct), ("roc_auc", "ROC-AUC", dec),
             ("tpr_at_5fpr", "TPR @5% FPR", pct), ("tpr_at_1fpr", "TPR @1% FPR", pct),
+            ("flagged_recovery_top1", "recovery of flagged top-1", pct),
+            ("flagged_recovery_top5", "recovery of flagged top-5", pct),
+            ("pipeline_recovery_top1", "pipeline gives clean label", pct),
             ("recovery_top1", "recovery top-1", pct), ("recovery_top5", "recovery top-5", pct),
             ("recovery_ground_truth", "truth top-1", pct), ("recovery_ground_truth_top5", "truth top-5", pct),
             ("mask_recovery_top1", "mask recovery top-1", pct), ("mask_recovery_top5", "mask recovery top-5", pct),
@@ -239,7 +242,9 @@ def _tables(report: dict[str, Any]) -> tuple[Html, list[str]]:
         how += ", with the flagged (adversarial) prediction ruled out"
     h.add("</table><p class=note>Detection, ROC and TPR count successful adversarial images against correctly "
           f"classified clean ones; recovery is {html.escape(how)} (top-1/top-5 of the clean prediction, and of the "
-          "true label); mask recovery is the paper's (the deletion mask applied back, nothing ruled out); harm: "
+          "true label): over the adversarial images the detector flags (as deployed), and over every successful one "
+          "as if all were flagged; 'pipeline gives clean label' is the share of all successful adversarial images "
+          "that detection-then-recovery gives back with the clean label; mask recovery is the paper's (the deletion mask applied back, nothing ruled out); harm: "
           "correctly classified clean images the detector flags and recovery relabels.</p>")
     md += [""]
     return h, md

@@ -103,10 +103,10 @@ def check_same_classifier(recorded: dict[str, Any], current: dict[str, Any], whe
     if same_classifier(recorded, current):
         return
     if recorded.get("name") == current.get("name") and recorded.get("sha256") != current.get("sha256"):
-        raise AdvDetectError(f"{where} was made with {recorded.get('name')} (sha256 "
-                             f"{str(recorded.get('sha256'))[:12]}), but that model's weights changed since (sha256 "
+        raise AdvDetectError(f"{where} was built for classifier {recorded.get('name')} (sha256 "
+                             f"{str(recorded.get('sha256'))[:12]}), whose weights changed since (now sha256 "
                              f"{str(current.get('sha256'))[:12]}); restore them or start again")
-    raise AdvDetectError(f"{where} was made with classifier {recorded.get('name')} (sha256 "
+    raise AdvDetectError(f"{where} was built for classifier {recorded.get('name')} (sha256 "
                          f"{str(recorded.get('sha256'))[:12]}), not {current.get('name')} (sha256 "
                          f"{str(current.get('sha256'))[:12]}); use --model {recorded.get('name')} or start again")
 

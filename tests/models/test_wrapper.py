@@ -15,7 +15,8 @@ def test_normalization_lives_inside(tiny_model, tiny_images):
 
 def test_info_identity_and_dict(tiny_model):
     ident = tiny_model.info.identity()
-    assert ident == {"name": "tiny", "sha256": "tiny-sha", "input_size": [16, 16], "num_classes": 10}
+    assert ident == {"name": "tiny", "sha256": "tiny-sha", "input_size": [16, 16], "num_classes": 10,
+                     "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
     assert tiny_model.info.to_dict()["mean"] == [0.5, 0.5, 0.5]
 
 

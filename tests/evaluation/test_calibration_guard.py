@@ -1,0 +1,68 @@
+"""evaluate refuses images the detector was fitted or calibrated on, compared by image identity."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advdetect.data import shared_images, subset_record
+from advdetect.detector import MaskDetector, save_detector
+from advdetect.errors import AdvDetectError
+from advdetect.evaluation.harness import EvaluateConfig, check_unseen, reserved_images
+from advdetect.masks import MaskConfig
+from advdetect.training import image_records
+
+N_EVAL, N_CAL, SEED = 200, 300, 0
+
+
+def meta(with_records: bool = True) -> dict:
+    m = {"calibrated_on": "test", "seed": SEED, "n_eval": N_EVAL}
+    if with_records:
+        m["images"] = image_records(1000, 1000, N_EVAL, N_CAL, "test", SEED)
+    return m
+
+
+def seed_that_overlaps(n: int) -> int:
+    """An evaluation seed other than the detector's whose first n test images include calibration images."""
+    calibration = meta()["images"]["calibration"]
+    for seed in range(1, 50):
+        if shared_images([calibration], subset_record("test", n, seed + 1)):
+            return seed
+    raise AssertionError("no overlapping seed found")
+
+
+@pytest.mark.parametrize("with_records", [True, False])
+def test_other_seed_that_reaches_calibration_images_is_refused(with_records):
+    n = 150  # <= n_eval: the old seed-comparing guard let this through for any other seed
+    seed = seed_that_overlaps(n)
+    config = EvaluateConfig(n=n, seed=seed, n_baseline=8, n_methods=8, adaptive_n=4)
+    with pytest.raises(AdvDetectError, match="were used to fit or calibrate"):
+        check_unseen(meta(with_records), subset_record("test", n, seed + 1), config)
+
+
+def test_held_out_images_pass_and_more_than_held_out_do_not():
+    config = EvaluateConfig(n=N_EVAL, seed=SEED, n_baseline=8, n_methods=8, adaptive_n=4)
+    check_unseen(meta(), subset_record("test", N_EVAL, SEED + 1), config)  # exactly the held-out images
+    bigger = EvaluateConfig(n=N_EVAL + 50, seed=SEED, n_baseline=8, n_methods=8, adaptive_n=4)
+    with pytest.raises(AdvDetectError, match="50 of the 250"):
+        check_unseen(meta(), subset_record("test", N_EVAL + 50, SEED + 1), bigger)
+
+
+def test_records_are_disjoint_and_reconstruction_covers_calibration():
+    records = meta()["images"]
+    fit, cal, held = (set(records[k]["indices"]) for k in ("fit", "calibration", "held_out"))
+    assert len(cal) == N_CAL and len(held) == N_EVAL and not cal & held
+    assert records["fit"]["split"] == "train" and records["calibration"]["split"] == "test"
+    legacy = reserved_images(meta(with_records=False))  # older detectors: everything after n_eval is reserved
+    assert cal <= set(legacy[0]["indices"]) and not held & set(legacy[0]["indices"])
+
+
+def test_train_records_images_in_detector_json(tmp_path):
+    """save_detector keeps the record train passes it, and evaluate reads it back through the file."""
+    from advdetect.detector import load_detector
+
+    det = MaskDetector(epochs=1, batch_size=8).fit(torch.rand(16, 1, 32, 32), torch.arange(16) % 2)
+    ident = {"name": "tiny", "sha256": "abc", "input_size": [32, 32], "num_classes": 10}
+    save_detector(tmp_path, det, ident, MaskConfig(iterations=3), extra=meta())
+    _, loaded = load_detector(tmp_path)
+    assert reserved_images(loaded)[1]["indices"] == meta()["images"]["calibration"]["indices"]
