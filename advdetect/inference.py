@@ -103,12 +103,16 @@ def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, mode
     classes = wrapper.info.classes
     top5 = rec.top5[0].tolist()
     if out is not None:
-        title = ("recovery: the image's mask applied back" if settings.method == "mask"
-                 else f"recovery: light blur (sigma {settings.sigma:g} px)")
-        if ruled_out is not None:
-            title += f", flagged label {classes[ruled_out]} ruled out"
+        how = ("the image's deletion mask applied back" if settings.method == "mask"
+               else f"light blur (sigma {settings.sigma:g} px)")
+        title = f"recovery: {how}" + (f", flagged label {classes[ruled_out]} ruled out" if ruled_out is not None
+                                      else "")
+        mask_title = ("deletion mask applied back (deleted regions)" if settings.method == "mask"
+                      else f"mask the detector read (score {score:+.2f})")
         explanation_figure(x[0].cpu(), shown.masks[0].cpu(), rec.images[0], before, after, classes, predicted, out,
-                           title=title)
+                           title=title, panel_titles=(
+                               f"input: {classes[predicted]} ({before[predicted]:.1%})", mask_title,
+                               f"recovered input: {classes[top5[0]]} ({after[top5[0]]:.1%})"))
     return {
         "image": str(path), "prediction": classes[predicted], "confidence": float(before.max()),
         "score": score, "adversarial": flagged, "method": settings.method,

@@ -15,9 +15,12 @@ def _hwc(image: torch.Tensor):
 
 def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch.Tensor,
                        probs_before: torch.Tensor, probs_after: torch.Tensor, classes: Sequence[str],
-                       target: int, path: str | os.PathLike, title: str = "", top: int = 5) -> None:
+                       target: int, path: str | os.PathLike, title: str = "", top: int = 5,
+                       panel_titles: Sequence[str] | None = None) -> None:
     """Image, mask heatmap (1 - mask: what was deleted), perturbed image, class probabilities.
 
+    ``panel_titles`` (three) replace the titles of the image, mask and perturbed-image panels;
+    the bars are ``probs_before`` (on the image) and ``probs_after`` (on the third panel's image).
     A two-channel mask (``game="both"``: [preserve, delete]) is drawn by its deletion channel."""
     from .storage import atomic_path
 
@@ -26,13 +29,16 @@ def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch
     fig = Figure(figsize=(14, 3.6))
     axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.5]})
     axes[0].imshow(_hwc(image), interpolation="nearest")
-    axes[0].set_title(f"input: {classes[target]} ({probs_before[target]:.1%})")
+    titles = list(panel_titles or (f"input: {classes[target]} ({probs_before[target]:.1%})",
+                                   "mask (deleted regions)",
+                                   f"perturbed: {classes[target]} ({probs_after[target]:.1%})"))
+    axes[0].set_title(titles[0])
     heat = axes[1].imshow(1 - mask.detach().cpu()[-1].numpy(), cmap="jet", vmin=0, vmax=1,
                           interpolation="nearest")
-    axes[1].set_title("mask (deleted regions)")
+    axes[1].set_title(titles[1])
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
     axes[2].imshow(_hwc(perturbed), interpolation="nearest")
-    axes[2].set_title(f"perturbed: {classes[target]} ({probs_after[target]:.1%})")
+    axes[2].set_title(titles[2])
     for ax in axes[:3]:
         ax.axis("off")
     order = torch.argsort(torch.maximum(probs_before, probs_after), descending=True)[:top].tolist()

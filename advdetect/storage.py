@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import socket
 import tempfile
 from collections.abc import Iterator
@@ -169,6 +170,22 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str
         raise AdvDetectError(f"{path}: not a valid safetensors file ({exc})") from exc
 
 
+KILL_AFTER_SHARDS = "ADVDETECT_KILL_AFTER_SHARDS"
+_shards_written = 0
+
+
+def _crash_point() -> None:
+    """Test hook: with ``$ADVDETECT_KILL_AFTER_SHARDS=k`` the process SIGKILLs itself right after its
+    k-th recorded shard, a deterministic point to test resuming at (no timing involved)."""
+    global _shards_written
+    limit = os.environ.get(KILL_AFTER_SHARDS)
+    if not limit:
+        return
+    _shards_written += 1
+    if _shards_written >= int(limit):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class ShardStore:
     """A directory of numbered safetensors shards described by ``manifest.json``.
 
@@ -238,6 +255,7 @@ class ShardStore:
         record = read_json(path) if path.exists() else {"shards": {}}
         record.setdefault("shards", {})[key] = entry
         write_json(path, record)
+        _crash_point()
 
     def sync(self) -> None:
         """After every rank's shards: rank 0 merges the ranks' records into the manifest.

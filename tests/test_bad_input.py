@@ -305,3 +305,33 @@ def test_internal_error_is_exit_1_with_one_line(tmp_path, detector, monkeypatch)
     assert result.exit_code == 1
     assert result.stderr.strip() == ("advdetect: internal error: RuntimeError: simulated bug "
                                      "(rerun with --debug for a traceback)")
+
+
+@pytest.mark.parametrize("raised,code,start", [
+    (ValueError("simulated bug"), 1, "advdetect: internal error: ValueError: simulated bug"),
+    (OSError(errno.EACCES, "Permission denied", "/var/lib/advdetect-internal/cache"), 1,
+     "advdetect: internal error: PermissionError"),
+    (OSError(errno.ENOSPC, "No space left on device", "/var/lib/advdetect-internal/cache"), 2,
+     "advdetect: error: No space left on device"),
+    ("option", 2, "advdetect: error: n must be at least 8"),
+    ("user-path", 2, "advdetect: error: Permission denied"),
+])
+def test_only_the_users_input_is_exit_2(tmp_path, monkeypatch, raised, code, start):
+    """Exit 2: bad option values, OS errors on paths the user gave, a full disk. Everything else is a bug: exit 1."""
+    import advdetect.evaluation.harness
+    from advdetect.errors import OptionError
+
+    out = tmp_path / "report"
+
+    def fails(*args, **kwargs):
+        if raised == "option":
+            raise OptionError("n must be at least 8 (it is split in halves), got 4")
+        if raised == "user-path":
+            raise OSError(errno.EACCES, "Permission denied", str(out / "report.html"))
+        raise raised
+
+    monkeypatch.setattr(advdetect.evaluation.harness, "run_evaluation", fails)
+    result = invoke(["evaluate", "--detector", str(tmp_path), "--out", str(out)])
+    assert result.exit_code == code, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(start), lines

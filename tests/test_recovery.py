@@ -79,6 +79,51 @@ def test_metrics_count_recovery_and_harm(tiny_model, tiny_images):
     assert m.recovery_top1 == pytest.approx(float((rec.top1 == clean_pred[2:]).float().mean()))
 
 
+def test_metrics_of_the_deployed_pipeline_count_flagged_images_only(tiny_model, tiny_images):
+    x = tiny_images[:16]
+    clean_pred = tiny_model.predict(x)
+    adv = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    adv_pred = (clean_pred + 1) % 10
+    masks = torch.ones(16, 1, 16, 16)
+    adv_flagged = torch.tensor([True] * 6 + [False] * 10)
+    m = recovery_metrics(tiny_model, x, adv, clean_pred, clean_pred, adv_pred, masks, masks,
+                         mask_config=MaskConfig(), adv_flagged=adv_flagged)
+    rec = recover(tiny_model, adv, config=RecoveryConfig(), predicted=adv_pred)
+    hit = rec.top1 == clean_pred
+    assert m.n_flagged == 6 and m.recovery_top1 == pytest.approx(float(hit.float().mean()))
+    assert m.flagged_recovery_top1 == pytest.approx(float(hit[:6].float().mean()))
+    assert m.pipeline_recovery_top1 == pytest.approx(float(hit[:6].sum()) / 16)
+    assert recovery_metrics(tiny_model, x, adv, clean_pred, clean_pred, adv_pred, masks, masks,
+                            mask_config=MaskConfig()).n_flagged is None
+
+
+@pytest.mark.parametrize("method", RECOVERY_METHODS)
+def test_recover_figure_shows_what_produced_the_numbers(quick_detector, tmp_path, monkeypatch, method):
+    """The third panel is the image recovery classified, titled with the recovered label and its probability."""
+    from PIL import Image
+
+    import advdetect.plots
+    from advdetect.inference import recover_image
+
+    drawn = {}
+    monkeypatch.setattr(advdetect.plots, "explanation_figure", lambda *args, **kwargs: drawn.update(args=args,
+                                                                                                     kwargs=kwargs))
+    path = tmp_path / "a.png"
+    pixels = (torch.rand(32, 32, 3, generator=torch.Generator().manual_seed(4)) * 255).to(torch.uint8).numpy()
+    Image.fromarray(pixels).save(path)
+    result = recover_image(path, quick_detector, out=tmp_path / "fig.png", device="cpu", method=method)
+    image, mask, shown = drawn["args"][:3]
+    titles = drawn["kwargs"]["panel_titles"]
+    top = result["recovered_top5"][0]
+    assert titles[2] == f"recovered input: {top['class']} ({top['probability']:.1%})"
+    if method == "denoise":
+        assert torch.allclose(shown, gaussian_blur(image[None], 0.75)[0], atol=1e-6)
+        assert titles[1].startswith("mask the detector read")
+    else:
+        assert not torch.allclose(shown, gaussian_blur(image[None], 0.75)[0], atol=1e-3)
+        assert titles[1].startswith("deletion mask applied back")
+
+
 def test_cli_offers_every_method():
     from click.testing import CliRunner
 

@@ -8,19 +8,24 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from advdetect.storage import KILL_AFTER_SHARDS
 
 from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 
 pytestmark = [needs_shared, needs_builtin]
 
 
-def advdetect(*args: str) -> subprocess.Popen:
+def advdetect(*args: str, kill_after: int | None = None) -> subprocess.Popen:
+    """The CLI in a subprocess; ``kill_after=k``: it SIGKILLs itself right after its k-th stored shard."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop(KILL_AFTER_SHARDS, None)
+    if kill_after is not None:
+        env[KILL_AFTER_SHARDS] = str(kill_after)
     return subprocess.Popen([sys.executable, "-m", "advdetect", *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -39,19 +44,10 @@ def shards_done(manifest: Path) -> int:
         return 0
 
 
-def kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> bool:
-    """SIGKILL ``proc`` as soon as ``ready()`` holds; False if it finished first."""
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            return False
-        if ready():
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            return True
-        time.sleep(0.02)
-    proc.kill()
-    raise AssertionError("the run never reached the kill point")
+def killed(proc: subprocess.Popen) -> bool:
+    """Whether the run died by SIGKILL (at its kill point) rather than finishing."""
+    proc.communicate(timeout=600)
+    return proc.returncode == -signal.SIGKILL
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -75,11 +71,10 @@ def test_masks_killed_twice_then_resumed_equals_uninterrupted(tmp_path):
 
     manifest = attack_set / "masks" / "manifest.json"
     killed_at = []
-    for target in (1, 3):  # kill just after the 1st shard lands, then again mid-way
-        proc = advdetect("masks", "--in", str(attack_set), *args)
-        assert kill_when(proc, lambda: shards_done(manifest) >= target), "finished before the kill"
+    for kill_after in (1, 2):  # killed just after the 1st of 5 shards lands, then after 2 more
+        assert killed(advdetect("masks", "--in", str(attack_set), *args, kill_after=kill_after))
         killed_at.append(shards_done(manifest))
-    assert killed_at[0] >= 1 and killed_at[1] > killed_at[0] and killed_at[1] < 5
+    assert killed_at == [1, 3]
     finish("masks", "--in", str(attack_set), *args)
 
     got, want = tensors(attack_set / "masks"), tensors(reference / "masks")
@@ -95,10 +90,10 @@ def test_train_killed_mid_pipeline_then_resumed_equals_uninterrupted(tmp_path):
     want = finish("train", *args, "--out", str(tmp_path / "reference"))
 
     out = tmp_path / "det"
-    proc = advdetect("train", *args, "--out", str(out))
-    # kill once the training masks are being written: the attack stage is done, the rest is not
-    assert kill_when(proc, lambda: (out / "work" / "train-bim" / "masks" / "manifest.json").exists())
-    assert not (out / "detector.json").exists()
+    # killed right after its 2nd shard: the training attack set's only shard, then its only mask shard
+    assert killed(advdetect("train", *args, "--out", str(out), kill_after=2))
+    assert shards_done(out / "work" / "train-bim" / "masks" / "manifest.json") == 1
+    assert not (out / "work" / "calibration-bim").exists() and not (out / "detector.json").exists()
     got = finish("train", *args, "--out", str(out))
 
     assert got["metrics"] == want["metrics"] and got["threshold"] == want["threshold"]

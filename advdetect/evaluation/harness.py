@@ -323,9 +323,8 @@ def check_unseen(meta: dict[str, Any], images: dict[str, Any], config: EvaluateC
     shared = shared_images(reserved_images(meta), images)
     if shared:
         raise AdvDetectError(f"{len(shared)} of the {config.n} evaluation images (--n {config.n}, --seed "
-                             f"{config.seed}) were used to fit or calibrate this detector; evaluate with the "
-                             f"detector's seed ({meta.get('seed')}) and --n {meta.get('n_eval')} or fewer, which "
-                             "are its held-out images")
+                             f"{config.seed}) were used to fit or calibrate this detector; use --n "
+                             f"{meta.get('n_eval')} or fewer with --seed {meta.get('seed')}: its held-out images")
 
 
 def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, recovery: RecoveryConfig, sd: SetData,
@@ -363,6 +362,8 @@ def _set_metrics(wrapper, detector: MaskDetector, rec_config: MaskConfig, recove
         "flagged_recovery_top1": rec["flagged_recovery_top1"], "flagged_recovery_top5": rec["flagged_recovery_top5"],
         "pipeline_recovery_top1": rec["pipeline_recovery_top1"],
         "harm": rec["harm"], "n_clean": int(correct.sum()), "n_adversarial": int(success.sum()), "roc": roc,
+        "scores": {"clean": [float(v) for v in clean_scores[correct]],  # what roc_auc and the rates come from
+                   "adversarial": [float(v) for v in adv_scores[success]]},
     }
 
 

@@ -113,6 +113,34 @@ def test_html_images_decode_and_numbers_equal_json(report_dir):
         assert cell["text"] in {pct(value), dec(value), str(value)}, cell
 
 
+def test_headline_numbers_match_an_independent_computation(report_dir):
+    """ROC-AUC recomputed by scikit-learn from the stored scores equals report.json, the HTML and the Markdown."""
+    from sklearn.metrics import roc_auc_score
+
+    out, report = report_dir
+    page = Page()
+    page.feed((out / "report.html").read_text())
+    html_cells = {cell["path"]: cell["text"] for cell in page.cells}
+    markdown = (out / "report.md").read_text().splitlines()
+    checked = 0
+    for key, attack in report["attacks"].items():
+        clean, adv = attack["scores"]["clean"], attack["scores"]["adversarial"]
+        assert len(clean) == attack["n_clean"] and len(adv) == attack["n_adversarial"]
+        if not adv:
+            continue
+        auc = roc_auc_score([0] * len(clean) + [1] * len(adv), clean + adv)
+        assert attack["roc_auc"] == pytest.approx(auc, abs=1e-12), key
+        assert html_cells[f"attacks|{key}|roc_auc"] == f"{auc:.3f}"
+        threshold = report["clean"]["threshold"]
+        detected = sum(score > threshold for score in adv) / len(adv)
+        assert attack["detection_rate"] == pytest.approx(detected, abs=1e-12), key
+        row = next(line for line in markdown if line.startswith(f"| {key} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert f"{auc:.3f}" in cells and f"{100 * detected:.1f}%" in cells, row
+        checked += 1
+    assert checked >= 3
+
+
 def _browser() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
         if shutil.which(name):
