@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .device import seeded
-from .errors import AdvDetectError, UnknownNameError, OptionError
+from .errors import AdvDetectError, OptionError, UnknownNameError
 from .models.wrapper import frozen
 
 ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "ll-bim", "cw", "deepfool")

@@ -2,7 +2,8 @@
 
 An attack set directory holds safetensors shards (``clean``, ``adv``, ``labels``,
 ``clean_pred``, ``adv_pred``) and a ``manifest.json`` with the job, the sha256 of each shard
-and the summary metrics. Generation is resumable shard by shard.
+and the summary metrics. Generation is resumable shard by shard. Reading a set back is
+:func:`advdetect.splits.load_attack_set`.
 """
 
 from __future__ import annotations
@@ -18,12 +19,11 @@ import torch
 from .attacks import AttackConfig, attack_batch
 from .data import ImageSet
 from .distributed import context
-from .errors import AdvDetectError
 from .models.wrapper import ModelWrapper
+from .splits import ATTACK_SET_FORMAT, correct_images, successful_attacks
 from .storage import ShardStore
 
 log = logging.getLogger(__name__)
-FORMAT = "advdetect.attack-set/1"
 
 
 @dataclass
@@ -43,19 +43,9 @@ class AttackSummary:
         return asdict(self)
 
 
-@dataclass
-class AttackSet:
-    clean: torch.Tensor
-    adv: torch.Tensor
-    labels: torch.Tensor
-    clean_pred: torch.Tensor
-    adv_pred: torch.Tensor
-    manifest: dict[str, Any]
-
-
 def summarize(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor) -> dict[str, float]:
-    correct = clean_pred == labels
-    fooled = correct & (adv_pred != labels)
+    correct = correct_images(labels, clean_pred)
+    fooled = successful_attacks(labels, clean_pred, adv_pred)
     return {
         "clean_accuracy": correct.float().mean().item(),
         "adversarial_accuracy": (adv_pred == labels).float().mean().item(),
@@ -81,7 +71,7 @@ def generate_attack_set(
     start = time.time()
     device = model.device
     store = ShardStore(out)
-    header = {"format": FORMAT, "model": model.info.identity(), "attack": config.to_dict(),
+    header = {"format": ATTACK_SET_FORMAT, "model": model.info.identity(), "attack": config.to_dict(),
               "data": data_description or {"source": data.source, "n": len(data)},
               "n": len(data), "seed": seed, "batch_size": batch_size}
     store.start(header)
@@ -105,18 +95,6 @@ def generate_attack_set(
     store.finish(metrics=metrics, classes=list(model.info.classes))
     return AttackSummary(n=len(data), attack=config.to_dict(), model=model.info.identity(), out=str(out),
                          seconds=round(time.time() - start, 2), **metrics)
-
-
-def load_attack_set(directory: str | os.PathLike) -> AttackSet:
-    """Read an attack set written by :func:`generate_attack_set` (checksums verified)."""
-    store = ShardStore(directory)
-    manifest = store.manifest()
-    if manifest.get("job", {}).get("format") != FORMAT:
-        raise AdvDetectError(f"{directory}: not an advdetect attack set (no {FORMAT} manifest.json)")
-    if not manifest.get("complete"):
-        raise AdvDetectError(f"{directory}: attack set is incomplete; rerun the same attack command to finish it")
-    t = store.load_all()
-    return AttackSet(t["clean"], t["adv"], t["labels"], t["clean_pred"], t["adv_pred"], manifest)
 
 
 def run_attack(

@@ -340,8 +340,8 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
               help="Test images for --calibrate-on test.")
 @click.option("--fpr", default=0.05, show_default=True, type=click.FloatRange(0, 1, min_open=True, max_open=True),
               help="False-positive rate the threshold is calibrated to.")
-@click.option("--recovery", "recovery_method", default="denoise", show_default=True,
-              type=click.Choice(["denoise", "mask"]),
+@click.option("--recovery", "recovery_method", default="blur", show_default=True,
+              type=click.Choice(["blur", "mask"]),
               help="How the detector recovers labels: a light blur, or the image's deletion mask applied back.")
 @mask_options
 @model_file_options
@@ -402,7 +402,7 @@ def detect(images: tuple[str, ...], detector_dir: str, model: str | None, device
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Before/after figure (.png).")
-@click.option("--method", default=None, type=click.Choice(["denoise", "mask"]),
+@click.option("--method", default=None, type=click.Choice(["blur", "mask"]),
               help="Recovery method [default: the detector's]: a light blur, or the image's mask applied back.")
 @model_file_options
 @common_options
@@ -455,7 +455,8 @@ def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n
              methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int,
              adaptive_restarts: int, data_dir: str | None, device: str, seed: int, as_json: bool) -> None:
     """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
-    from .evaluation.harness import EvaluateConfig, parse_eps_list, run_evaluation
+    from .evaluation.config import EvaluateConfig, parse_eps_list
+    from .evaluation.harness import run_evaluation
 
     config = EvaluateConfig(
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=parse_eps_list(eps_list), n=n,
@@ -471,7 +472,7 @@ def render_evaluation(r: dict[str, Any]) -> str:
     lines = [f"report -> {r['out']}/report.html (and report.json, report.md) in {r['timings']['total']:.0f}s",
              f"clean accuracy {pct(r['clean']['accuracy'])}, detector FPR {pct(r['clean']['detector_fpr'])}"]
     for key, a in r["attacks"].items():
-        lines.append(f"{key}: success {pct(a['attack_success'] or 0)}, detected {pct(a['detection_rate'] or 0)}, "
+        lines.append(f"{key}: success {pct(a['success_rate'] or 0)}, detected {pct(a['tpr_at_threshold'] or 0)}, "
                      f"ROC-AUC {a['roc_auc'] or float('nan'):.3f}, TPR {pct(a['tpr_at_5fpr'] or 0)} at 5% FPR, "
                      f"recovery of flagged {pct(a['flagged_recovery_top1'] or 0)} / "
                      f"{pct(a['flagged_recovery_top5'] or 0)}")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from .distributed import context
-from .errors import AdvDetectError, DataNotFoundError, UnknownNameError, OptionError
+from .errors import AdvDetectError, DataNotFoundError, OptionError, UnknownNameError
 
 log = logging.getLogger(__name__)
 

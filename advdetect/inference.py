@@ -1,23 +1,38 @@
-"""``detect`` and ``recover`` on image files, with a trained detector."""
+"""A deployed detector: loading it with its classifier, and ``detect`` and ``recover`` on image files."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from .detector import load_detector
+from .detector import MaskDetector, load_detector
 from .errors import AdvDetectError
 from .imageio import load_image
 from .masks import MaskConfig, make_explainer
-from .recovery import RecoveryConfig, recover
 from .models import ModelWrapper, load_recorded_model, resolve_model
+from .recovery import RecoveryConfig, recover
 
 
-def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, device: str):
+@dataclass
+class Deployment:
+    """A trained detector with the classifier it guards and the settings it was trained with."""
+
+    model: ModelWrapper
+    detector: MaskDetector
+    meta: dict[str, Any]  # detector.json
+    mask_config: MaskConfig  # the masks the detector reads
+    recovery_masks_config: MaskConfig  # the deletion masks the "mask" recovery applies
+    recovery_config: RecoveryConfig  # how flagged images get their label back
+
+
+def load_deployment(detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
+                    device: str = "auto", recovery_method: str | None = None) -> Deployment:
+    """Load the detector in ``detector_dir`` and its classifier (``model``, else the one it recorded), checked
+    to belong together; ``recovery_method`` overrides the detector's recovery method."""
     from .storage import read_json
 
     meta_path = os.path.join(detector_dir, "detector.json")
@@ -29,15 +44,17 @@ def _setup(detector_dir: str | os.PathLike, model: str | ModelWrapper | None, de
     wrapper = resolve_model(model, device) if model is not None else \
         load_recorded_model(recorded, device, f"detector {detector_dir}")
     detector, meta = load_detector(detector_dir, classifier=wrapper.info.identity(), device=str(wrapper.device))
-    return wrapper, detector, meta, MaskConfig.from_dict(meta["mask_config"])
+    mask_config = MaskConfig.from_dict(meta["mask_config"])
+    return Deployment(wrapper, detector, meta, mask_config, recovery_masks_config(meta, mask_config),
+                      recovery_config(meta, recovery_method))
 
 
-def recovery_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:
+def recovery_masks_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:
     """The deletion masks a detector's recovery uses (recorded in detector.json since preservation detectors)."""
     return MaskConfig.from_dict(meta["recovery_config"]) if "recovery_config" in meta else config.for_recovery()
 
 
-def recovery_settings(meta: dict[str, Any], method: str | None = None) -> RecoveryConfig:
+def recovery_config(meta: dict[str, Any], method: str | None = None) -> RecoveryConfig:
     """The detector's recovery method (detector.json's "recovery"; older detectors get the default),
     with ``method`` overriding it."""
     try:
@@ -60,7 +77,8 @@ def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.Pat
                   model: str | ModelWrapper | None = None,
                   device: str = "auto") -> dict[str, Any]:
     """Label, adversarial score and verdict for each image."""
-    wrapper, detector, meta, config = _setup(detector_dir, model, device)
+    deployed = load_deployment(detector_dir, model, device)
+    wrapper, detector, config = deployed.model, deployed.detector, deployed.mask_config
     x, notes = _load_batch(paths, wrapper)
     probs = wrapper.logits(x).softmax(1).cpu()
     result = make_explainer(wrapper, config).attribute(x)
@@ -84,13 +102,13 @@ def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, mode
     """
     from .plots import explanation_figure
 
-    wrapper, detector, meta, config = _setup(detector_dir, model, device)
-    settings = recovery_settings(meta, method)
+    deployed = load_deployment(detector_dir, model, device, recovery_method=method)
+    wrapper, detector, config = deployed.model, deployed.detector, deployed.mask_config
+    settings, rec_config = deployed.recovery_config, deployed.recovery_masks_config
     x, notes = _load_batch([path], wrapper)
     detection = make_explainer(wrapper, config).attribute(x)
     score = float(detector.decision_function(detection.masks.cpu())[0])
     flagged = score > detector.threshold_
-    rec_config = recovery_config(meta, config)
     shown = detection  # the mask drawn in the figure (the one applied back, for mask recovery)
     if settings.method == "mask" and rec_config != config:
         shown = make_explainer(wrapper, rec_config).attribute(x)

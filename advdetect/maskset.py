@@ -2,7 +2,7 @@
 
 ``<attack-set>/masks/`` (``masks-preserve/`` for the preservation game) holds safetensors shards (``clean_mask``, ``adv_mask`` and the
 targets, probabilities and iterations behind them) with a checksummed manifest. The job is
-resumable shard by shard, and masks do not depend on the shard size (see the engine).
+resumable shard by shard, and masks do not depend on the shard size (see masks/meaningful.py).
 """
 
 from __future__ import annotations
@@ -15,15 +15,14 @@ from typing import Any
 
 import torch
 
-from .attackset import load_attack_set
 from .distributed import context
 from .errors import AdvDetectError
 from .masks import MaskConfig, make_explainer
 from .models import check_same_classifier
 from .models.wrapper import ModelWrapper
+from .splits import MASK_SET_FORMAT, load_attack_set, load_mask_set, masks_dir
 from .storage import ShardStore
 
-FORMAT = "advdetect.mask-set/1"
 
 
 @dataclass
@@ -38,12 +37,6 @@ class MaskSetSummary:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def masks_dir(attack_dir: str | os.PathLike, kind: str = "delete") -> Path:
-    """Where one kind of mask lives (``MaskConfig.kind``): ``masks/`` for meaningful deletion,
-    else ``masks-<kind>/`` (``masks-preserve``, ``masks-extremal-delete``, ``masks-robust``, ...)."""
-    return Path(attack_dir) / ("masks" if kind == "delete" else f"masks-{kind}")
 
 
 def _clean_donor(attack_dir: str | os.PathLike | None, clean: torch.Tensor, config: MaskConfig,
@@ -79,7 +72,7 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
     check_same_classifier(data.manifest["job"]["model"], model.info.identity(), f"attack set {attack_dir}")
     device = model.device
     store = ShardStore(masks_dir(attack_dir, config.kind))
-    store.start({"format": FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
+    store.start({"format": MASK_SET_FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
                  "shard_size": shard_size})
     explainer = make_explainer(model, config)
     donor = _clean_donor(reuse_clean_from, data.clean, config, shard_size)
@@ -97,38 +90,30 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
             bar.update(2 * count)
             continue
         tensors: dict[str, torch.Tensor] = {}
-        for kind, images in (("clean", data.clean[sl]), ("adv", data.adv[sl])):
-            if kind == "clean" and donor is not None:
+        for side, images in (("clean", data.clean[sl]), ("adv", data.adv[sl])):
+            if side == "clean" and donor is not None:
                 tensors.update({k: v[sl] for k, v in donor.items()})
                 bar.update(count)
                 continue
-            r = explainer.attribute(images.to(device))
-            tensors.update({f"{kind}_mask": r.masks, f"{kind}_target": r.targets, f"{kind}_prob_before": r.prob_before,
-                            f"{kind}_prob_after": r.prob_after, f"{kind}_iterations": r.iterations})
+            result = explainer.attribute(images.to(device))
+            tensors.update({f"{side}_mask": result.masks, f"{side}_target": result.targets,
+                            f"{side}_prob_before": result.prob_before, f"{side}_prob_after": result.prob_after,
+                            f"{side}_iterations": result.iterations})
             bar.update(count)
         store.put(key, tensors)
     bar.close()
     store.sync()
-    t = store.load_all()
-    summary = {kind: {"mean_iterations": t[f"{kind}_iterations"].float().mean().item(),
-                      "mean_mask": t[f"{kind}_mask"].mean().item(),
-                      "deleted_fraction": (t[f"{kind}_prob_after"] <= 0.1 * t[f"{kind}_prob_before"]).float().mean().item()}
-               for kind in ("clean", "adv")}
+    stored = store.load_all()
+    summary = {side: {"mean_iterations": stored[f"{side}_iterations"].float().mean().item(),
+                      "mean_mask": stored[f"{side}_mask"].mean().item(),
+                      "deleted_fraction": (stored[f"{side}_prob_after"]
+                                           <= 0.1 * stored[f"{side}_prob_before"]).float().mean().item()}
+               for side in ("clean", "adv")}
     store.finish(summary=summary)
     seconds = time.time() - start
     return MaskSetSummary(n=n, out=str(store.directory), seconds=round(seconds, 2),
                           masks_per_second=round(2 * n / max(seconds, 1e-9), 2), clean=summary["clean"],
                           adversarial=summary["adv"], config=config.to_dict())
-
-
-def load_mask_set(attack_dir: str | os.PathLike, kind: str = "delete") -> dict[str, torch.Tensor]:
-    """The stored masks of one ``kind`` (``MaskConfig.kind``) for an attack set (checksums verified)."""
-    store = ShardStore(masks_dir(attack_dir, kind))
-    manifest = store.manifest()
-    if manifest.get("job", {}).get("format") != FORMAT or not manifest.get("complete"):
-        raise AdvDetectError(f"{attack_dir}: no complete '{kind}' mask set; compute it with `advdetect masks --in "
-                             f"{attack_dir}` and the detector's mask options first")
-    return store.load_all()
 
 
 def run_mask_set(attack_dir: str | os.PathLike, model: str | ModelWrapper | None = None, config: MaskConfig | None = None,

@@ -5,7 +5,7 @@ Two methods (:class:`RecoveryConfig`):
 - ``"mask"`` (Fong & Vedaldi 2017, section 6): apply the image's own deletion mask back to it
   (blur where the mask deletes) and classify again. The mask deletes the evidence for the
   (adversarial) prediction, so the classifier may fall back to the clean label.
-- ``"denoise"`` (the default): blur the whole image lightly (Gaussian, ``sigma`` pixels), which
+- ``"blur"`` (the default): blur the whole image lightly (Gaussian, ``sigma`` pixels), which
   washes out much of an L-inf perturbation while keeping the object, and classify again.
 
 With ``exclude_flagged`` the prediction of an image the detector flags is ruled out of the
@@ -27,13 +27,14 @@ from .masks.perturbation import gaussian_blur
 from .models.wrapper import ModelWrapper
 from .errors import OptionError
 
-RECOVERY_METHODS = ("denoise", "mask")
+RECOVERY_METHODS = ("blur", "mask")
+LEGACY_NAMES = {"denoise": "blur"}  # what detectors trained before the rename recorded
 
 
 @dataclass(frozen=True)
 class RecoveryConfig:
-    method: str = "denoise"
-    sigma: float = 0.75  # blur of "denoise", in pixels (tuned on the CIFAR-10 training split)
+    method: str = "blur"
+    sigma: float = 0.75  # blur of "blur", in pixels (tuned on the CIFAR-10 training split)
     exclude_flagged: bool = True  # rule the flagged prediction out of the recovered ranking
 
     def __post_init__(self) -> None:
@@ -50,7 +51,7 @@ class RecoveryConfig:
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise OptionError(f"unknown recovery settings: {', '.join(sorted(unknown))}")
-        return cls(**d)
+        return cls(**{**d, **({"method": LEGACY_NAMES[d["method"]]} if d.get("method") in LEGACY_NAMES else {})})
 
 
 PAPER_RECOVERY = RecoveryConfig(method="mask", exclude_flagged=False)

@@ -22,26 +22,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .attacks import AttackConfig, parse_eps
-from .attackset import generate_attack_set, load_attack_set
-from .data import load_dataset, subset_record
+from .attackset import generate_attack_set
+from .data import CIFAR10_SIZES, load_dataset, subset_record
 from .distributed import context
-from .detector import MaskDetector, detection_metrics, save_detector
-from .masks import MaskConfig
-from .maskset import compute_mask_set, load_mask_set
-from .models.wrapper import ModelWrapper
-from .recovery import RecoveryConfig, recovery_metrics
-from .storage import write_json
 from .errors import OptionError
+from .detector import MaskDetector, save_detector
+from .masks import MaskConfig
+from .maskset import compute_mask_set
+from .models.wrapper import ModelWrapper
+from .recovery import RecoveryConfig
+from .splits import load_split, split_metrics
+from .storage import write_json
 
 log = logging.getLogger(__name__)
 
 
 CALIBRATION_SOURCES = ("test", "train")
-CIFAR10_TEST_SIZE = 10_000
 
 
 @dataclass
@@ -93,39 +92,6 @@ def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int,
     return directory
 
 
-def labelled_masks(directory: Path, include_clean: bool = True, kind: str = "delete") -> dict[str, torch.Tensor]:
-    """Clean masks of correctly classified images and adversarial masks of successful attacks."""
-    s = load_attack_set(directory)
-    m = load_mask_set(directory, kind)
-    correct = s.clean_pred == s.labels
-    success = correct & (s.adv_pred != s.labels)
-    out = {"adv": m["adv_mask"][success], "adv_index": success.nonzero().flatten()}
-    if include_clean:
-        out.update(clean=m["clean_mask"][correct], clean_index=correct.nonzero().flatten())
-    return out
-
-
-def evaluate_split(model: ModelWrapper, detector: MaskDetector, directory: Path,
-                   mask_config: MaskConfig, recovery: RecoveryConfig | None = None) -> dict[str, Any]:
-    """Detection and recovery metrics on one held-out attack set."""
-    s = load_attack_set(directory)
-    m = load_mask_set(directory, mask_config.kind)
-    lm = labelled_masks(directory, kind=mask_config.kind)
-    clean_scores = detector.decision_function(lm["clean"])
-    adv_scores = detector.decision_function(lm["adv"])
-    labels = np.concatenate([np.zeros(len(clean_scores)), np.ones(len(adv_scores))])
-    detection = detection_metrics(labels, np.concatenate([clean_scores, adv_scores]), detector.threshold_)
-    flagged = torch.as_tensor(detector.predict(m["clean_mask"]).astype(bool))
-    adv_flagged = torch.as_tensor(detector.predict(m["adv_mask"]).astype(bool))
-    rec_config = mask_config.for_recovery()
-    r = m if rec_config.kind == mask_config.kind else load_mask_set(directory, rec_config.kind)
-    recovery = recovery_metrics(model, s.clean, s.adv, s.labels, s.clean_pred, s.adv_pred, r["clean_mask"],
-                                r["adv_mask"], clean_flagged=flagged, mask_config=rec_config, recovery=recovery,
-                                adv_flagged=adv_flagged)
-    attack = s.manifest["job"]["attack"]
-    return {"attack": attack, **s.manifest["metrics"], **detection, **recovery.to_dict()}
-
-
 def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_eval: int, out: str | os.PathLike,
                    mask_config: MaskConfig | None = None, detector: MaskDetector | None = None,
                    transfer: list[AttackConfig] | None = None, calibration_fraction: float = 0.2,
@@ -144,8 +110,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     if calibrate_on not in CALIBRATION_SOURCES:
         raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
-    if calibrate_on == "test" and n_eval + n_calibration > CIFAR10_TEST_SIZE:
-        raise OptionError(f"n_eval + n_calibration ({n_eval} + {n_calibration}) exceeds the {CIFAR10_TEST_SIZE} "
+    if calibrate_on == "test" and n_eval + n_calibration > CIFAR10_SIZES['test']:
+        raise OptionError(f"n_eval + n_calibration ({n_eval} + {n_calibration}) exceeds the {CIFAR10_SIZES['test']} "
                          "CIFAR-10 test images")
     start = time.time()
     out = Path(out)
@@ -155,43 +121,46 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     detector = detector or MaskDetector(seed=seed, device=str(model.device))
 
     train_dirs: list[Path] = []
-    for a in attacks:
-        train_dirs.append(prepare_split(model, a, "train", n, seed, work, mask_config, data_dir, batch_size, progress,
-                                        reuse_clean_from=train_dirs[0] if train_dirs else None,
+    for attack in attacks:
+        train_dirs.append(prepare_split(model, attack, "train", n, seed, work, mask_config, data_dir, batch_size,
+                                        progress, reuse_clean_from=train_dirs[0] if train_dirs else None,
                                         shard_size=shard_size))
     # "train": the training images are split by index, the first part fits, the rest calibrates.
     # "test": every training image fits; clean test images right after the evaluation images calibrate
     # (images the classifier never saw, like those it will be deployed on).
     n_fit = n if calibrate_on == "test" else int(round(n * (1 - calibration_fraction)))
-    fit_clean, fit_adv, cal_clean = [], [], []
-    for i, directory in enumerate(train_dirs):
-        lm = labelled_masks(directory, include_clean=(i == 0), kind=mask_config.kind)
-        fit_adv.append(lm["adv"][lm["adv_index"] < n_fit])
-        if i == 0:
-            fit_clean.append(lm["clean"][lm["clean_index"] < n_fit])
-            cal_clean.append(lm["clean"][lm["clean_index"] >= n_fit])
+    fitting = torch.arange(n) < n_fit
+    fit_adv, clean_split = [], None
+    for directory in train_dirs:
+        split = load_split(directory, mask_config.kind)
+        clean_split = clean_split or split  # every attack set holds the same clean images
+        fit_adv.append(split.masks_adv[split.successful & fitting])
+    fit_clean = clean_split.masks_clean[clean_split.correct & fitting]
+    cal_clean = clean_split.masks_clean[clean_split.correct & ~fitting]
     if calibrate_on == "test":
         cal_dir = prepare_split(model, attacks[0], "test", n_calibration, seed + 1, work, mask_config, data_dir,
                                 batch_size, progress, shard_size=shard_size, offset=n_eval, name="calibration")
-        cal_clean = [labelled_masks(cal_dir, kind=mask_config.kind)["clean"]]
-    clean = torch.cat(fit_clean)
-    adv = _balanced(fit_adv, len(clean), seed)
-    X = torch.cat([clean, adv])
-    y = torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))])
+        calibration = load_split(cal_dir, mask_config.kind)
+        cal_clean = calibration.masks_clean[calibration.correct]
+    adv = _balanced(fit_adv, len(fit_clean), seed)
+    X = torch.cat([fit_clean, adv])
+    y = torch.cat([torch.zeros(len(fit_clean)), torch.ones(len(adv))])
     detector.fit(X, y)
-    detector.calibrate(torch.cat(cal_clean))
+    detector.calibrate(cal_clean)
 
+    recovery_masks = mask_config.for_recovery()
     eval_attacks = list(attacks) + [a for a in (transfer or []) if a not in attacks]
     metrics, first_test = {}, None
-    for a in eval_attacks:
-        directory = prepare_split(model, a, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
+    for attack in eval_attacks:
+        directory = prepare_split(model, attack, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
                                   progress, reuse_clean_from=first_test, shard_size=shard_size, recovery_masks=True)
         first_test = first_test or directory
-        metrics[a.name] = evaluate_split(model, detector, directory, mask_config, recovery)
-        metrics[a.name]["trained_on"] = a in attacks
+        held_out = load_split(directory, mask_config.kind, recovery_masks.kind)
+        metrics[attack.name] = split_metrics(model, detector, held_out, recovery_masks, recovery)
+        metrics[attack.name]["trained_on"] = attack in attacks
     report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],
                          n_train=n, n_eval=n_eval, threshold=detector.threshold_,
-                         calibrated_on=calibrate_on, n_calibration=int(sum(len(c) for c in cal_clean)),
+                         calibrated_on=calibrate_on, n_calibration=int(len(cal_clean)),
                          calibration_fpr=detector.calibration_fpr_, metrics=metrics,
                          seconds=round(time.time() - start, 1))
     ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it

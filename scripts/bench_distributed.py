@@ -50,7 +50,7 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    from advdetect.maskset import load_mask_set
+    from advdetect.splits import load_mask_set
 
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:

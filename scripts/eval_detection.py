@@ -46,7 +46,7 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--game", default="delete", choices=["delete", "preserve", "both"],
                    help="masks the detector reads (mask recovery always uses deletion masks)")
-    p.add_argument("--recovery", default="denoise", choices=list(RECOVERY_METHODS),
+    p.add_argument("--recovery", default="blur", choices=list(RECOVERY_METHODS),
                    help="recovery method: a light blur with the flagged label ruled out, or the paper's mask")
     p.add_argument("--calibrate-on", default="test", choices=["test", "train"],
                    help="clean images that set the threshold (test: beside the held-out ones)")

@@ -4,7 +4,7 @@ Two measurements, both printed as one JSON object:
 
 1. ``held_out``: on the held-out test set of a finished ``train`` / ``eval_detection.py`` run
    (cached masks, the run's detector and threshold), recovery and harm for the light blur
-   (``denoise``) and for the paper's mask applied back, with and without the flagged label
+   (``blur``) and for the paper's mask applied back, with and without the flagged label
    ruled out.
 2. ``light_masks``: deletion masks optimised against a *light* blur (``--sigmas``, pixels) on
    the first ``--n`` successful adversarial images of the run's *training* split (so nothing
@@ -26,39 +26,30 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advdetect.attackset import load_attack_set  # noqa: E402
-from advdetect.detector.io import load_detector  # noqa: E402
 from advdetect.masks import MaskConfig, make_explainer  # noqa: E402
-from advdetect.models.registry import resolve_model  # noqa: E402
 from advdetect.recovery import Recovery, RecoveryConfig, recover  # noqa: E402
-from advdetect.storage import read_json  # noqa: E402
-from advdetect.training import evaluate_split  # noqa: E402
+from advdetect.inference import load_deployment  # noqa: E402
+from advdetect.splits import load_attack_set, load_split, split_metrics  # noqa: E402
 
 KEYS = ("recovery_top1", "recovery_top5", "harm", "harm_unconditional")
 
 
-def classifier_of(run: Path):
-    """The classifier a run's detector was trained for (load_detector checks they match)."""
-    return resolve_model(read_json(run / "detector.json")["classifier"]["name"], "cpu")
-
-
 def held_out(run: Path, attack: str) -> dict[str, dict[str, float]]:
-    wrapper = classifier_of(run)
-    detector, meta = load_detector(run, classifier=wrapper.info.identity())
-    mask_config = MaskConfig.from_dict(meta["mask_config"])
+    deployed = load_deployment(run, device="cpu")
+    split = load_split(run / "work" / f"test-{attack}", deployed.mask_config.kind, deployed.recovery_masks_config.kind)
     out = {}
-    for name, rc in (("denoise", RecoveryConfig()), ("mask", RecoveryConfig(method="mask")),
-                     ("mask_nothing_ruled_out", RecoveryConfig(method="mask", exclude_flagged=False))):
-        m = evaluate_split(wrapper, detector, run / "work" / f"test-{attack}", mask_config, rc)
-        out[name] = {k: round(m[k], 4) for k in KEYS} | {"n_adversarial": m["n_adversarial"]}
+    for name, settings in (("blur", RecoveryConfig()), ("mask", RecoveryConfig(method="mask")),
+                           ("mask_nothing_ruled_out", RecoveryConfig(method="mask", exclude_flagged=False))):
+        metrics = split_metrics(deployed.model, deployed.detector, split, deployed.recovery_masks_config, settings)
+        out[name] = {k: round(metrics[k], 4) for k in KEYS} | {"n_adversarial": metrics["n_adversarial"]}
     return out
 
 
 def light_masks(run: Path, attack: str, n: int, sigmas: list[float]) -> dict[str, dict[str, float]]:
-    wrapper = classifier_of(run)
-    s = load_attack_set(run / "work" / f"train-{attack}")
-    success = ((s.clean_pred == s.labels) & (s.adv_pred != s.labels)).nonzero().flatten()[:n]
-    adv, adv_pred, clean_pred = s.adv[success], s.adv_pred[success], s.clean_pred[success]
+    wrapper = load_deployment(run, device="cpu").model
+    split = load_attack_set(run / "work" / f"train-{attack}")
+    success = split.successful.nonzero().flatten()[:n]
+    adv, adv_pred, clean_pred = split.adv[success], split.adv_pred[success], split.clean_pred[success]
 
     def score(rec: Recovery) -> dict[str, float]:
         return {"top1": round(float((rec.top1 == clean_pred).float().mean()), 4),

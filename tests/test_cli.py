@@ -5,7 +5,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from advdetect.attackset import load_attack_set
+from advdetect.splits import load_attack_set
 from advdetect.cli import main
 
 from .conftest import SHARED_DATA, needs_builtin, needs_shared

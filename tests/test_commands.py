@@ -9,10 +9,9 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from advdetect.attackset import load_attack_set
 from advdetect.cli import main
 from advdetect.imageio import save_image
-from advdetect.maskset import load_mask_set
+from advdetect.splits import load_attack_set, load_mask_set, load_split
 
 from .conftest import SHARED_DATA, needs_builtin, needs_shared
 
@@ -67,10 +66,10 @@ def test_threshold_is_calibrated_on_unseen_test_images(detector_dir):
     assert not bool((torch.cdist(flat_cal, train.clean.flatten(1)).min(1).values == 0).any())
     # the threshold flags at most 5% of the calibration images' clean masks
     from advdetect.detector import load_detector
-    from advdetect.training import labelled_masks
 
     detector, meta = load_detector(out)
-    cal_masks = labelled_masks(out / "work" / "calibration-bim", kind="delete")["clean"]
+    calibration = load_split(out / "work" / "calibration-bim", "delete")
+    cal_masks = calibration.masks_clean[calibration.correct]
     assert len(cal_masks) == report["n_calibration"]
     assert (detector.decision_function(cal_masks) > detector.threshold_).mean() <= 0.05
     assert meta["calibrated_on"] == "test" and meta["n_calibration"] == report["n_calibration"]
@@ -98,7 +97,7 @@ def test_detect_and_recover(detector_dir, tmp_path):
     assert rec.exit_code == 0, rec.output
     r = last_json(rec)
     assert len(r["recovered_top5"]) == 5 and (tmp_path / "r.png").stat().st_size > 1000
-    assert r["method"] == "denoise" and abs(sum(t["probability"] for t in r["recovered_top5"]) - 1) < 0.2
+    assert r["method"] == "blur" and abs(sum(t["probability"] for t in r["recovered_top5"]) - 1) < 0.2
     if r["adversarial"]:  # a flagged image's prediction is ruled out
         assert r["ruled_out"] == r["prediction"] and r["recovered"] != r["prediction"]
         assert r["prediction"] not in [t["class"] for t in r["recovered_top5"]]
@@ -178,7 +177,7 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     assert games == ["preserve", "delete"] and len(r["recovered_top5"]) == 5
     games.clear()
     inference.recover_image(tmp_path / "adv.png", out)  # the default light blur needs no deletion mask
-    assert games == ["preserve"] and meta["recovery"]["method"] == "denoise"
+    assert games == ["preserve"] and meta["recovery"]["method"] == "blur"
     assert MaskConfig(game="preserve").for_recovery() == MaskConfig()
 
 

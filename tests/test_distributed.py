@@ -9,8 +9,7 @@ import sys
 
 import torch
 
-from advdetect.attackset import load_attack_set
-from advdetect.maskset import load_mask_set
+from advdetect.splits import load_attack_set, load_mask_set
 
 from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 

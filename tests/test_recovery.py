@@ -20,7 +20,7 @@ def test_config_validates_and_round_trips():
         RecoveryConfig.from_dict({"colour": 1})
 
 
-def test_denoise_classifies_the_blurred_image(tiny_model, tiny_images):
+def test_blur_classifies_the_blurred_image(tiny_model, tiny_images):
     x = tiny_images[:8]
     tiny_model.train()
     rec = recover(tiny_model, x, config=RecoveryConfig(sigma=1.0, exclude_flagged=False))
@@ -68,7 +68,7 @@ def test_metrics_count_recovery_and_harm(tiny_model, tiny_images):
     flagged = torch.tensor([True] * 4 + [False] * 12)
     m = recovery_metrics(tiny_model, x, adv, labels, clean_pred, adv_pred, masks, masks, clean_flagged=flagged,
                          mask_config=MaskConfig())
-    assert m.method == "denoise" and m.n_clean == 14 and m.n_adversarial == 14
+    assert m.method == "blur" and m.n_clean == 14 and m.n_adversarial == 14
     # flagged clean images lose their prediction (it is ruled out): harm = flagged correct images
     assert m.harm == pytest.approx(2 / 14)
     plain = recover(tiny_model, x[2:], config=RecoveryConfig(exclude_flagged=False))
@@ -116,7 +116,7 @@ def test_recover_figure_shows_what_produced_the_numbers(quick_detector, tmp_path
     titles = drawn["kwargs"]["panel_titles"]
     top = result["recovered_top5"][0]
     assert titles[2] == f"recovered input: {top['class']} ({top['probability']:.1%})"
-    if method == "denoise":
+    if method == "blur":
         assert torch.allclose(shown, gaussian_blur(image[None], 0.75)[0], atol=1e-6)
         assert titles[1].startswith("mask the detector read")
     else:

@@ -21,7 +21,7 @@ from torch import nn
 from ..errors import UnknownNameError
 from ..models.wrapper import ModelWrapper, frozen
 
-METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion", "integrated_gradients", "raw_image")
+HEATMAP_METHODS = ("saliency", "guided_backprop", "grad_cam", "occlusion", "integrated_gradients", "raw_image")
 LABELS = {"masks": "meaningful perturbation (ours)", "saliency": "gradient saliency",
           "guided_backprop": "guided backprop", "grad_cam": "Grad-CAM", "occlusion": "occlusion",
           "integrated_gradients": "integrated gradients", "raw_image": "raw input image"}
@@ -56,14 +56,14 @@ def _attribute(model: ModelWrapper, method: str) -> Callable[[torch.Tensor, torc
     if method == "integrated_gradients":
         return lambda x, t: IntegratedGradients(model).attribute(x, target=t, baselines=torch.zeros_like(x),
                                                                 n_steps=16, internal_batch_size=512)
-    raise UnknownNameError("heatmap method", method, list(METHODS))
+    raise UnknownNameError("heatmap method", method, list(HEATMAP_METHODS))
 
 
 def heatmaps(model: ModelWrapper, images: torch.Tensor, method: str, targets: torch.Tensor | None = None,
              batch_size: int = 128) -> torch.Tensor:
     """Heatmaps of ``method`` for ``images`` (float [0, 1]) and ``targets`` (default: the prediction)."""
-    if method not in METHODS:
-        raise UnknownNameError("heatmap method", method, list(METHODS))
+    if method not in HEATMAP_METHODS:
+        raise UnknownNameError("heatmap method", method, list(HEATMAP_METHODS))
     if method == "raw_image":
         return images.detach().float().cpu()
     device = model.device

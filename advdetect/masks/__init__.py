@@ -1,31 +1,32 @@
-"""Perturbation masks, with the pieces apart: perturbation operator (:mod:`.perturbation`),
-mask parameterization (:mod:`.parameterization`), loss (:mod:`.loss`), optimiser loop
-(:mod:`.engine`) and their settings (:mod:`.config`). Three methods share the interface
-``Method(model, config).attribute(images, target=None) -> MaskResult`` and ``perturb``:
-meaningful perturbation (:mod:`.engine`), extremal perturbation (:mod:`.extremal`) and
-robust perturbation (:mod:`.robust`); :func:`make_explainer` picks one from the config
-(meaningful ``game="both"``: both games' masks as two channels, :mod:`.stacked`)."""
+"""Perturbation masks, with the pieces apart as in TorchRay: perturbation operators
+(:mod:`.perturbation`), mask parameterizations (:mod:`.parameterization`), losses (:mod:`.loss`),
+the per-sample optimiser (:mod:`.optimizer`) and the settings (:mod:`.config`). Every method
+implements :class:`~.base.Explainer` (``Method(model, config).attribute(images, target=None) ->
+MaskResult`` and ``perturb``): meaningful perturbation (:mod:`.meaningful`), extremal
+perturbation (:mod:`.extremal`), robust perturbation (:mod:`.robust`) and both meaningful
+games as two channels (:mod:`.two_games`); :func:`make_explainer` picks one from the config."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from .base import Explainer, MaskResult
 from .config import MaskConfig
-from .engine import MaskResult, MeaningfulPerturbation, compute_masks
 from .extremal import ExtremalPerturbation
+from .meaningful import MeaningfulPerturbation, compute_masks
 from .robust import RobustPerturbation, class_distortion_score
-from .stacked import StackedPerturbation
+from .two_games import TwoGamePerturbation
 
 
-def make_explainer(model: nn.Module, config: MaskConfig | None = None):
+def make_explainer(model: nn.Module, config: MaskConfig | None = None) -> Explainer:
     """The mask method ``config.method`` names, on ``model``."""
     config = config or MaskConfig()
     if config.method == "meaningful" and config.game == "both":
-        return StackedPerturbation(model, config)
+        return TwoGamePerturbation(model, config)
     cls = {"meaningful": MeaningfulPerturbation, "extremal": ExtremalPerturbation,
            "robust": RobustPerturbation}[config.method]
     return cls(model, config)
 
 
-__all__ = ["ExtremalPerturbation", "MaskConfig", "MaskResult", "MeaningfulPerturbation", "RobustPerturbation",
-           "StackedPerturbation", "class_distortion_score", "compute_masks", "make_explainer"]
+__all__ = ["Explainer", "ExtremalPerturbation", "MaskConfig", "MaskResult", "MeaningfulPerturbation",
+           "RobustPerturbation", "TwoGamePerturbation", "class_distortion_score", "compute_masks", "make_explainer"]

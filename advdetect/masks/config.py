@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from ..errors import OptionError
 from .loss import GAMES, SCORES
 from .perturbation import PERTURBATIONS
-from ..errors import OptionError
 
 
-METHODS = ("meaningful", "extremal", "robust")
+MASK_METHODS = ("meaningful", "extremal", "robust")
 BOTH_CHANNELS = ("preserve", "delete")  # game "both": the channels of its masks, in order
 EXTREMAL_KEYS = ("area", "area_coeff", "smooth", "step", "max_blur", "levels")
 ROBUST_KEYS = ("cross_coeff", "preserve_coeff")
@@ -26,7 +26,7 @@ class MaskConfig:
     Attributes:
         game: ``delete`` (smallest deletion that removes the class, the default), ``preserve``, or
             ``both``: the two games' masks of the same image stacked as channels [preserve, delete]
-            (N x 2 x H x W; see :mod:`.stacked`).
+            (N x 2 x H x W; see :mod:`.two_games`).
         score: class evidence in the objective: ``prob`` (the paper's softmax probability) or
             ``log_prob`` (keeps pushing once the probability is small).
         perturbation: ``blur`` (default), ``constant`` or ``noise``.
@@ -118,8 +118,8 @@ class MaskConfig:
         return MaskConfig(batch_size=self.batch_size, amp=self.amp, seed=self.seed)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise OptionError(f"unknown mask method {self.method!r}; choose one of: {', '.join(METHODS)}")
+        if self.method not in MASK_METHODS:
+            raise OptionError(f"unknown mask method {self.method!r}; choose one of: {', '.join(MASK_METHODS)}")
         games = {"meaningful": (*GAMES, "both"), "extremal": (*GAMES, "dual"), "robust": GAMES}[self.method]
         if self.game not in games:
             raise OptionError(f"unknown game {self.game!r} for {self.method} masks; choose one of: {', '.join(games)}")

@@ -14,85 +14,25 @@ fixes the mask's area ``a`` and finds the region of that area that matters most:
 * **games**: ``preserve`` (the region alone keeps the class), ``delete`` (removing the region
   removes it) and ``dual`` (both).
 
-Every image has its own parameters, per-sample loss and Adam state, so a batch gives each
-image what optimising it alone gives. Masks follow the engine's convention, 1 = kept:
+The pieces live with their kind: the generator in :mod:`.parameterization`, the pyramid in
+:mod:`.perturbation`, the area loss in :mod:`.loss`. Every image has its own parameters,
+per-sample loss and Adam state, so a batch gives each
+image what optimising it alone gives. Masks follow the package's convention, 1 = kept:
 for ``delete`` the result is ``1 - m`` (the region is what gets perturbed).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..models.wrapper import frozen
+from .base import DEFAULT_BATCH, MaskResult, check_images, resolve_targets
 from .config import MaskConfig
-from .engine import ADAM_BETAS, ADAM_EPS, DEFAULT_BATCH, MaskResult, resolve_targets
-from .loss import class_term
-from .perturbation import gaussian_blur
-
-SMAX_TEMPERATURE = 0.05
-
-
-class MaxConvGenerator:
-    """Coarse parameters -> smooth full-resolution mask by a soft max-convolution."""
-
-    def __init__(self, size: tuple[int, int], step: int, sigma: float, device: torch.device) -> None:
-        h, w = size
-        self.size = size
-        self.grid = (math.ceil(h / step) + 1, math.ceil(w / step) + 1)
-        gy, gx = torch.meshgrid(torch.arange(self.grid[0], device=device) * step,
-                                torch.arange(self.grid[1], device=device) * step, indexing="ij")
-        py, px = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-        radius = math.ceil(3 * sigma / step) + 1
-        # for each pixel, the parameters within `radius` grid cells and their Gaussian weights
-        cy = (py.flatten() // step)[:, None] + torch.arange(-radius, radius + 1, device=device).repeat_interleave(
-            2 * radius + 1)[None]
-        cx = (px.flatten() // step)[:, None] + torch.arange(-radius, radius + 1, device=device).repeat(
-            2 * radius + 1)[None]
-        valid = (cy >= 0) & (cy < self.grid[0]) & (cx >= 0) & (cx < self.grid[1])
-        cy, cx = cy.clamp(0, self.grid[0] - 1), cx.clamp(0, self.grid[1] - 1)
-        d2 = (gy[cy, cx] - py.flatten()[:, None]) ** 2 + (gx[cy, cx] - px.flatten()[:, None]) ** 2
-        self.index = cy * self.grid[1] + cx  # P x K
-        self.weight = torch.exp(-d2.float() / (2 * sigma ** 2)) * valid  # P x K
-
-    def __call__(self, params: torch.Tensor) -> torch.Tensor:
-        """N x 1 x gh x gw parameters in [0, 1] -> N x 1 x H x W mask in [0, 1]."""
-        n = params.shape[0]
-        z = params.flatten(1)[:, self.index] * self.weight  # N x P x K
-        soft = (z * torch.softmax(z / SMAX_TEMPERATURE, dim=2)).sum(2)
-        return soft.view(n, 1, *self.size)
-
-
-def blur_pyramid(x: torch.Tensor, max_blur: float, levels: int) -> torch.Tensor:
-    """N x L x C x H x W: level 0 blurred with sigma ``max_blur``, the last level ``x`` itself."""
-    sigmas = [max_blur * (1 - k / (levels - 1)) for k in range(levels)]
-    return torch.stack([gaussian_blur(x, s) if s > 0 else x for s in sigmas], dim=1)
-
-
-def pyramid_blend(pyramid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per pixel, the pyramid level ``keep * (L - 1)`` (1 = the image, 0 = the strongest blur)."""
-    levels = pyramid.shape[1]
-    t = keep.clamp(0, 1) * (levels - 1)  # N x 1 x H x W
-    k0 = t.floor().clamp(max=levels - 2).long()
-    frac = t - k0
-    c = pyramid.shape[2]
-    lo = pyramid.gather(1, k0.unsqueeze(2).expand(-1, 1, c, -1, -1)).squeeze(1)
-    hi = pyramid.gather(1, (k0 + 1).unsqueeze(2).expand(-1, 1, c, -1, -1)).squeeze(1)
-    return lo * (1 - frac) + hi * frac
-
-
-def area_target(n_pixels: int, area: float, device: torch.device) -> torch.Tensor:
-    """r_a sorted ascending: (1 - a) zeros, then a ones."""
-    ones = int(round(area * n_pixels))
-    return torch.cat([torch.zeros(n_pixels - ones, device=device), torch.ones(ones, device=device)])
-
-
-def area_loss(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per image, mean squared difference between the sorted mask and r_a."""
-    return ((mask.flatten(1).sort(dim=1).values - target) ** 2).mean(1)
-
+from .loss import area_loss, area_target, class_term
+from .optimizer import adam_direction
+from .parameterization import MaxConvGenerator
+from .perturbation import blur_pyramid, pyramid_blend
 
 class ExtremalPerturbation:
     """Fixed-area masks; ``MaskConfig(method="extremal", area=..., game="preserve"|"delete"|"dual")``."""
@@ -103,9 +43,7 @@ class ExtremalPerturbation:
 
     def attribute(self, images: torch.Tensor, target: torch.Tensor | int | None = None,
                   progress: bool = False) -> MaskResult:
-        if images.dim() != 4:
-            raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
-        images = images.detach().float()
+        images = check_images(images)
         with frozen(self.model):
             probs = self._probs(images)
             targets = resolve_targets(probs, target)
@@ -136,7 +74,6 @@ class ExtremalPerturbation:
         r_a = area_target(h * w, cfg.area, x.device)
         params = torch.full((n, 1, *gen.grid), 0.5, device=x.device)
         m1, m2 = torch.zeros_like(params), torch.zeros_like(params)
-        b1, b2 = ADAM_BETAS
         growth = 100.0 ** (1 / max(cfg.iterations - 1, 1))  # the area weight ends 100x higher
         for it in range(cfg.iterations):
             params.requires_grad_(True)
@@ -147,10 +84,8 @@ class ExtremalPerturbation:
             if cfg.game in ("delete", "dual"):
                 loss = loss + class_term(self.model(pyramid_blend(pyramid, 1 - mask)), target, "delete", cfg.score)
             (grad,) = torch.autograd.grad(loss.sum(), params)
+            step = adam_direction(grad, m1, m2, it + 1)
             with torch.no_grad():
-                m1.mul_(b1).add_(grad, alpha=1 - b1)
-                m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                step = (m1 / (1 - b1 ** (it + 1))) / ((m2 / (1 - b2 ** (it + 1))).sqrt() + ADAM_EPS)
                 params = (params - cfg.lr * step).clamp_(0, 1)
         with torch.no_grad():
             mask = gen(params)

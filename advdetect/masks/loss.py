@@ -68,3 +68,14 @@ def objective(mask_low: torch.Tensor, logits: torch.Tensor, target: torch.Tensor
     """
     return (l1_coeff * l1_term(mask_low, game) + tv_coeff * tv_term(mask_low, tv_beta)
             + class_term(logits, target, game, score, log_floor))
+
+
+def area_target(n_pixels: int, area: float, device: torch.device) -> torch.Tensor:
+    """r_a sorted ascending: (1 - a) zeros, then a ones."""
+    ones = int(round(area * n_pixels))
+    return torch.cat([torch.zeros(n_pixels - ones, device=device), torch.ones(ones, device=device)])
+
+
+def area_loss(mask: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per image, mean squared difference between the sorted mask and r_a."""
+    return ((mask.flatten(1).sort(dim=1).values - target) ** 2).mean(1)

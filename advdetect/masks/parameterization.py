@@ -12,6 +12,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from ..errors import OptionError
 
 
@@ -47,3 +48,36 @@ def upsample(low: torch.Tensor, grid: torch.Tensor, offset: torch.Tensor | None 
     if offset is not None:
         g = g + offset.to(grid.dtype).view(n, 1, 1, 2)
     return F.grid_sample(low, g, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+SMAX_TEMPERATURE = 0.05
+
+
+class MaxConvGenerator:
+    """Coarse parameters -> smooth full-resolution mask by a soft max-convolution."""
+
+    def __init__(self, size: tuple[int, int], step: int, sigma: float, device: torch.device) -> None:
+        h, w = size
+        self.size = size
+        self.grid = (math.ceil(h / step) + 1, math.ceil(w / step) + 1)
+        gy, gx = torch.meshgrid(torch.arange(self.grid[0], device=device) * step,
+                                torch.arange(self.grid[1], device=device) * step, indexing="ij")
+        py, px = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+        radius = math.ceil(3 * sigma / step) + 1
+        # for each pixel, the parameters within `radius` grid cells and their Gaussian weights
+        cy = (py.flatten() // step)[:, None] + torch.arange(-radius, radius + 1, device=device).repeat_interleave(
+            2 * radius + 1)[None]
+        cx = (px.flatten() // step)[:, None] + torch.arange(-radius, radius + 1, device=device).repeat(
+            2 * radius + 1)[None]
+        valid = (cy >= 0) & (cy < self.grid[0]) & (cx >= 0) & (cx < self.grid[1])
+        cy, cx = cy.clamp(0, self.grid[0] - 1), cx.clamp(0, self.grid[1] - 1)
+        d2 = (gy[cy, cx] - py.flatten()[:, None]) ** 2 + (gx[cy, cx] - px.flatten()[:, None]) ** 2
+        self.index = cy * self.grid[1] + cx  # P x K
+        self.weight = torch.exp(-d2.float() / (2 * sigma ** 2)) * valid  # P x K
+
+    def __call__(self, params: torch.Tensor) -> torch.Tensor:
+        """N x 1 x gh x gw parameters in [0, 1] -> N x 1 x H x W mask in [0, 1]."""
+        n = params.shape[0]
+        z = params.flatten(1)[:, self.index] * self.weight  # N x P x K
+        soft = (z * torch.softmax(z / SMAX_TEMPERATURE, dim=2)).sum(2)
+        return soft.view(n, 1, *self.size)

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+
 from ..errors import OptionError
 
 PERTURBATIONS = ("blur", "constant", "noise")
@@ -58,3 +59,21 @@ def reference(x: torch.Tensor, kind: str = "blur", blur_sigma: float = 2.0, cons
 def blend(x: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``x`` where the mask is 1, ``ref`` where it is 0 (mask broadcast over channels)."""
     return ref + mask * (x - ref)
+
+
+def blur_pyramid(x: torch.Tensor, max_blur: float, levels: int) -> torch.Tensor:
+    """N x L x C x H x W: level 0 blurred with sigma ``max_blur``, the last level ``x`` itself."""
+    sigmas = [max_blur * (1 - k / (levels - 1)) for k in range(levels)]
+    return torch.stack([gaussian_blur(x, s) if s > 0 else x for s in sigmas], dim=1)
+
+
+def pyramid_blend(pyramid: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per pixel, the pyramid level ``keep * (L - 1)`` (1 = the image, 0 = the strongest blur)."""
+    levels = pyramid.shape[1]
+    t = keep.clamp(0, 1) * (levels - 1)  # N x 1 x H x W
+    k0 = t.floor().clamp(max=levels - 2).long()
+    frac = t - k0
+    c = pyramid.shape[2]
+    lo = pyramid.gather(1, k0.unsqueeze(2).expand(-1, 1, c, -1, -1)).squeeze(1)
+    hi = pyramid.gather(1, (k0 + 1).unsqueeze(2).expand(-1, 1, c, -1, -1)).squeeze(1)
+    return lo * (1 - frac) + hi * frac

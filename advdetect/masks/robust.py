@@ -25,8 +25,8 @@ from __future__ import annotations
 
 import torch
 
-from .engine import MeaningfulPerturbation, _Active
 from .loss import class_term
+from .meaningful import ActiveBatch, MeaningfulPerturbation
 from .perturbation import blend
 
 
@@ -53,7 +53,7 @@ class RobustPerturbation(MeaningfulPerturbation):
         with torch.no_grad():
             return non_target_log_probs(self._forward(x), target).nan_to_num(neginf=0.0)
 
-    def _loss(self, mask_low: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, a: _Active,
+    def _loss(self, mask_low: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, a: ActiveBatch,
               noise: torch.Tensor | None) -> torch.Tensor:
         cfg = self.config
         base = super()._loss(mask_low, mask, logits, a, noise)

@@ -8,8 +8,8 @@ import torch
 from advdetect.detector import MaskDetector
 from advdetect.evaluation.adaptive import AdaptiveConfig, adaptive_pgd, evaluate_adaptive, train_surrogate
 from advdetect.masks import MaskConfig, make_explainer
-from advdetect.evaluation.harness import EvaluateConfig, Spec, eps_tag, sweep
-from advdetect.evaluation.heatmaps import METHODS, heatmaps
+from advdetect.evaluation.config import EvaluateConfig, Spec, eps_tag, sweep
+from advdetect.evaluation.heatmaps import HEATMAP_METHODS, heatmaps
 from advdetect.evaluation.report import json_safe
 
 
@@ -17,7 +17,7 @@ def model_state(model):
     return model.training, [p.requires_grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", HEATMAP_METHODS)
 def test_heatmaps_shape_range_and_model_untouched(tiny_model, tiny_images, method):
     tiny_model.train()
     before = model_state(tiny_model)

@@ -76,7 +76,7 @@ def test_json_has_every_section(report_dir):
         assert mm["masks_per_second"][name] > 0 and set(mm["results"][name]) == {"fgsm@8/255", "bim@8/255", "cw"}
     assert set(report["attacks"]) == {"fgsm@4/255", "fgsm@8/255", "bim@4/255", "bim@8/255", "cw"}
     for a in report["attacks"].values():
-        for key in ("attack_success", "detection_rate", "tpr_at_1fpr", "tpr_at_5fpr", "roc_auc", "recovery_top1",
+        for key in ("success_rate", "tpr_at_threshold", "tpr_at_1fpr", "tpr_at_5fpr", "roc_auc", "recovery_top1",
                     "recovery_top5", "recovery_ground_truth", "recovery_ground_truth_top5"):
             assert key in a
         assert a["roc"]["fpr"][0] == 0.0 and a["roc"]["tpr"][-1] == 1.0
@@ -133,7 +133,7 @@ def test_headline_numbers_match_an_independent_computation(report_dir):
         assert html_cells[f"attacks|{key}|roc_auc"] == f"{auc:.3f}"
         threshold = report["clean"]["threshold"]
         detected = sum(score > threshold for score in adv) / len(adv)
-        assert attack["detection_rate"] == pytest.approx(detected, abs=1e-12), key
+        assert attack["tpr_at_threshold"] == pytest.approx(detected, abs=1e-12), key
         row = next(line for line in markdown if line.startswith(f"| {key} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert f"{auc:.3f}" in cells and f"{100 * detected:.1f}%" in cells, row

@@ -7,7 +7,9 @@ import torch
 
 from advdetect.masks import (ExtremalPerturbation, MaskConfig, MeaningfulPerturbation, RobustPerturbation,
                              class_distortion_score, make_explainer)
-from advdetect.masks.extremal import MaxConvGenerator, area_loss, area_target, blur_pyramid, pyramid_blend
+from advdetect.masks.loss import area_loss, area_target
+from advdetect.masks.parameterization import MaxConvGenerator
+from advdetect.masks.perturbation import blur_pyramid, pyramid_blend
 
 from ..conftest import SHARED_DATA, needs_builtin, needs_shared
 
@@ -110,12 +112,12 @@ def test_methods_leave_the_model_unchanged(tiny_model, tiny_images):
 @needs_builtin
 def test_both_games_stack_the_masks_each_game_gives_alone(cifar):
     """game="both": channel 0 is exactly the preservation mask, channel 1 exactly the deletion mask."""
-    from advdetect.masks import StackedPerturbation
+    from advdetect.masks import TwoGamePerturbation
 
     model, images = cifar
     cfg = MaskConfig(game="both", iterations=30, batch_size=4)
     explainer = make_explainer(model, cfg)
-    assert isinstance(explainer, StackedPerturbation) and cfg.kind == "both"
+    assert isinstance(explainer, TwoGamePerturbation) and cfg.kind == "both"
     both = explainer.attribute(images[:6])
     alone = {g: MeaningfulPerturbation(model, cfg.replace(game=g)).attribute(images[:6]) for g in ("preserve", "delete")}
     assert both.masks.shape == (6, 2, 32, 32)
@@ -128,12 +130,12 @@ def test_both_games_stack_the_masks_each_game_gives_alone(cifar):
 
 
 def test_both_games_validation():
-    from advdetect.masks import StackedPerturbation
+    from advdetect.masks import TwoGamePerturbation
 
     with pytest.raises(ValueError, match="make_explainer"):
         MeaningfulPerturbation(torch.nn.Identity(), MaskConfig(game="both"))
     with pytest.raises(ValueError, match="game='both'"):
-        StackedPerturbation(torch.nn.Identity(), MaskConfig())
+        TwoGamePerturbation(torch.nn.Identity(), MaskConfig())
     with pytest.raises(ValueError, match="unknown game 'both'"):
         MaskConfig(method="extremal", game="both")
     with pytest.raises(ValueError, match="unknown game 'both'"):

@@ -86,7 +86,7 @@ def test_config_roundtrip_and_paper_preset():
 
 @pytest.mark.parametrize("score", ["prob", "log_prob", "log_odds"])
 def test_floor_stops_the_push_exactly_at_floor_times_p0(score):
-    from advdetect.masks.engine import floor_score
+    from advdetect.masks.meaningful import floor_score
 
     p0 = torch.tensor([0.9])
     floor = floor_score(p0, 0.1, score)  # the class counts as deleted below p = 0.09

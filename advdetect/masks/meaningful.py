@@ -1,10 +1,11 @@
-"""The optimiser loop: many masks at once, each exactly as if optimised alone.
+"""Meaningful perturbation (Fong & Vedaldi, ICCV 2017): its optimiser loop, many masks at once,
+each exactly as if optimised alone.
 
 Design (what keeps the batched loop both correct and cheap):
 
 * **Per-sample everything.** The objective returns one value per image and the batch loss
   is their sum, so each mask receives only its own gradient; Adam is element-wise and is
-  written out here with a per-sample step count.
+  written out with a per-sample step count (:mod:`.optimizer`).
 * **Randomness keyed by the image's own iteration.** Jitter shifts and input noise come
   from banks indexed by each image's iteration number, so an image sees the same random
   sequence whichever batch it lands in and whenever it enters.
@@ -20,54 +21,27 @@ Design (what keeps the batched loop both correct and cheap):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 
 from ..models.wrapper import frozen
+from .base import DEFAULT_BATCH, MaskResult, check_images, resolve_targets
 from .config import MaskConfig
 from .loss import objective
+from .optimizer import adam_direction
 from .parameterization import base_grid, low_res_shape, pixels_to_grid, upsample
 from .perturbation import blend, reference
 
 log = logging.getLogger(__name__)
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPS = 1e-8
-DEFAULT_BATCH = {"cpu": 32, "cuda": 512}  # cpu: best of 16-256 in scripts/bench_masks.py
 
 
-@dataclass
-class MaskResult:
-    """Masks (1 = kept, 0 = perturbed) with what they did to the model."""
+class ActiveBatch:
+    """The images currently in the batch and their optimiser state (all per-sample).
 
-    masks: torch.Tensor  # float32 N x 1 x H x W in [0, 1]
-    targets: torch.Tensor  # int64 N, the class each mask explains
-    prob_before: torch.Tensor  # N, target probability on the image
-    prob_after: torch.Tensor  # N, target probability on the perturbed image (no noise, no jitter)
-    iterations: torch.Tensor  # int64 N, iterations each image used
-    config: MaskConfig = field(default_factory=MaskConfig)
-
-    def __len__(self) -> int:
-        return int(self.targets.shape[0])
-
-    @property
-    def deletion_ratio(self) -> torch.Tensor:
-        """prob_after / prob_before per image (deletion succeeds when small)."""
-        return self.prob_after / self.prob_before.clamp(min=1e-12)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "n": len(self),
-            "mean_iterations": self.iterations.float().mean().item() if len(self) else 0.0,
-            "mean_mask": self.masks.mean().item() if len(self) else 0.0,
-            "deleted_fraction": (self.deletion_ratio <= 0.1).float().mean().item() if len(self) else 0.0,
-        }
-
-
-class _Active:
-    """The images currently in the batch and their optimiser state (all per-sample)."""
+    Methods built on this loop (robust perturbation) read it in their ``_loss``; ``aux`` holds
+    the per-image data their ``_aux`` computed on admission.
+    """
 
     names = ("idx", "x", "ref", "target", "p0", "log_floor", "mask", "m1", "m2", "t", "prev_mask", "loss_sum",
              "last_loss", "kept_mask", "kept", "aux")  # aux: per-image data of a method built on this loop
@@ -79,12 +53,12 @@ class _Active:
     def __len__(self) -> int:
         return int(self.idx.shape[0])
 
-    def select(self, keep: torch.Tensor) -> _Active:
-        return _Active(**{n: getattr(self, n)[keep] for n in self.names})
+    def select(self, keep: torch.Tensor) -> ActiveBatch:
+        return ActiveBatch(**{n: getattr(self, n)[keep] for n in self.names})
 
     @staticmethod
-    def concat(parts: list[_Active]) -> _Active:
-        return _Active(**{n: torch.cat([getattr(p, n) for p in parts]) for n in _Active.names})
+    def concat(parts: list[ActiveBatch]) -> ActiveBatch:
+        return ActiveBatch(**{n: torch.cat([getattr(p, n) for p in parts]) for n in ActiveBatch.names})
 
 
 class MeaningfulPerturbation:
@@ -116,9 +90,7 @@ class MeaningfulPerturbation:
 
         ``target`` defaults to the model's top prediction for each image.
         """
-        if images.dim() != 4:
-            raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
-        images = images.detach().float()
+        images = check_images(images)
         device = images.device
         param = next(iter(self.model.parameters()), None)
         if param is not None and param.device != device:
@@ -159,7 +131,7 @@ class MeaningfulPerturbation:
         masks_out = torch.empty(n, 1, h, w, device=device)
         iters_out = torch.zeros(n, dtype=torch.long, device=device)
         next_image = 0
-        active: _Active | None = None
+        active: ActiveBatch | None = None
         bar = tqdm(total=n, desc="masks", unit="img", disable=not progress, leave=False)
         while True:
             # refill the free slots from the queue
@@ -168,7 +140,7 @@ class MeaningfulPerturbation:
                 take = torch.arange(next_image, min(n, next_image + room), device=device)
                 next_image += len(take)
                 fresh = self._admit(images, targets, prob_before, take, (lh, lw), init)
-                active = fresh if active is None else _Active.concat([active, fresh])
+                active = fresh if active is None else ActiveBatch.concat([active, fresh])
             if active is None or len(active) == 0:
                 break
             window = self._window(active, grid, shifts, noise, bank)
@@ -214,7 +186,7 @@ class MeaningfulPerturbation:
         idx = torch.arange(images.shape[0], device=images.device)
         return blend(images, self._reference(images, idx), masks)
 
-    def _check(self, a: _Active, mean_loss: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def _check(self, a: ActiveBatch, mean_loss: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         """Which images are done (converged or out of iterations), updating their kept masks.
 
         Converged: past ``min_iterations``, the mask moved < ``tol`` (mean abs) over the window,
@@ -243,25 +215,24 @@ class MeaningfulPerturbation:
         return out_of_steps | ((a.t >= cfg.min_iterations) & (moved < cfg.tol) & goal)
 
     def _admit(self, images: torch.Tensor, targets: torch.Tensor, prob_before: torch.Tensor, take: torch.Tensor,
-               low: tuple[int, int], init: float) -> _Active:
+               low: tuple[int, int], init: float) -> ActiveBatch:
         x = images[take]
         k = len(take)
         mask = torch.full((k, 1, *low), init, device=images.device)
         zeros = torch.zeros_like(mask)
         p0 = prob_before[take]
         log_floor = floor_score(p0, self.config.floor, self.config.score)
-        return _Active(idx=take, x=x, ref=self._reference(x, take), target=targets[take], p0=p0, log_floor=log_floor,
+        return ActiveBatch(idx=take, x=x, ref=self._reference(x, take), target=targets[take], p0=p0, log_floor=log_floor,
                        aux=self._aux(x, targets[take]), mask=mask, m1=zeros,
                        m2=zeros.clone(), t=torch.zeros(k, dtype=torch.long, device=images.device),
                        prev_mask=mask.clone(), loss_sum=torch.zeros(k, device=images.device),
                        last_loss=torch.full((k,), float("inf"), device=images.device), kept_mask=mask.clone(),
                        kept=torch.zeros(k, dtype=torch.bool, device=images.device))
 
-    def _window(self, a: _Active, grid: torch.Tensor, shifts: torch.Tensor, noise: torch.Tensor | None,
+    def _window(self, a: ActiveBatch, grid: torch.Tensor, shifts: torch.Tensor, noise: torch.Tensor | None,
                 bank: int) -> int:
         """Run up to ``check_every`` Adam iterations on the active images; return the count."""
         cfg = self.config
-        b1, b2 = ADAM_BETAS
         # images enter at window boundaries, so only the last window can be cut short; one
         # host sync per window instead of one per iteration
         steps = min(cfg.check_every, cfg.iterations - int(a.t.min()))
@@ -276,17 +247,14 @@ class MeaningfulPerturbation:
                 perturbed = perturbed + noise_t
             loss = self._loss(mask, up, self._forward(perturbed), a, noise_t)
             (grad,) = torch.autograd.grad(loss.sum(), mask)
+            step = adam_direction(grad, a.m1, a.m2, (a.t + 1).view(-1, 1, 1, 1).float())
             with torch.no_grad():
-                t = (a.t + 1).view(-1, 1, 1, 1).float()
-                a.m1.mul_(b1).add_(grad, alpha=1 - b1)
-                a.m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                step = (a.m1 / (1 - b1 ** t)) / ((a.m2 / (1 - b2 ** t)).sqrt() + ADAM_EPS)
                 a.mask = torch.where(live, (mask - cfg.lr * step).clamp_(0, 1), mask.detach())
                 a.loss_sum += torch.where(live.view(-1), loss.detach(), torch.zeros_like(loss))
                 a.t = a.t + live.view(-1).long()
         return max(steps, 1)
 
-    def _loss(self, mask_low: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, a: _Active,
+    def _loss(self, mask_low: torch.Tensor, mask: torch.Tensor, logits: torch.Tensor, a: ActiveBatch,
               noise: torch.Tensor | None) -> torch.Tensor:
         """Per-image objective of the current masks (``logits``: the model on the perturbed images)."""
         cfg = self.config
@@ -296,19 +264,6 @@ class MeaningfulPerturbation:
     def _aux(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-image data a subclass's loss needs (none here)."""
         return torch.zeros(x.shape[0], 0, device=x.device)
-
-
-def resolve_targets(probs: torch.Tensor, target: torch.Tensor | int | None) -> torch.Tensor:
-    """The class each mask explains: the top prediction (``None``), one class for all, or one per image."""
-    n = probs.shape[0]
-    if target is None:
-        return probs.argmax(1)
-    if isinstance(target, int):
-        return torch.full((n,), target, dtype=torch.long, device=probs.device)
-    targets = torch.as_tensor(target, device=probs.device).long().view(-1)
-    if targets.shape[0] != n:
-        raise ValueError(f"target has {targets.shape[0]} entries for {n} images")
-    return targets
 
 
 def floor_score(p0: torch.Tensor, floor: float, score: str) -> torch.Tensor:
@@ -327,4 +282,4 @@ def compute_masks(model: nn.Module, images: torch.Tensor, target: torch.Tensor |
     return MeaningfulPerturbation(model, config).attribute(images, target=target, progress=progress)
 
 
-__all__ = ["MaskResult", "MeaningfulPerturbation", "compute_masks", "floor_score"]
+__all__ = ["ActiveBatch", "MeaningfulPerturbation", "compute_masks", "floor_score"]

@@ -11,12 +11,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .config import BOTH_CHANNELS, MaskConfig
-from .engine import MaskResult, MeaningfulPerturbation
 from ..errors import OptionError
+from .base import MaskResult
+from .config import BOTH_CHANNELS, MaskConfig
+from .meaningful import MeaningfulPerturbation
 
 
-class StackedPerturbation:
+class TwoGamePerturbation:
     """Masks N x 2 x H x W: channel 0 the preservation mask, channel 1 the deletion mask.
 
     ``targets`` and ``prob_before`` are the images' (shared by both games); ``prob_after``
@@ -27,7 +28,7 @@ class StackedPerturbation:
     def __init__(self, model: nn.Module, config: MaskConfig | None = None) -> None:
         config = config or MaskConfig(game="both")
         if config.method != "meaningful" or config.game != "both":
-            raise OptionError(f"StackedPerturbation makes game='both' meaningful masks, got method={config.method!r} "
+            raise OptionError(f"TwoGamePerturbation makes game='both' meaningful masks, got method={config.method!r} "
                              f"game={config.game!r}; use make_explainer(model, config)")
         self.model = model
         self.config = config

@@ -1,0 +1,110 @@
+"""What ``advdetect evaluate`` runs: its settings and the attack sets of its sweep."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Any
+
+from ..attacks import LINF_ATTACKS, AttackConfig, parse_eps
+from ..errors import OptionError, UnknownNameError
+from ..masks.config import MASK_METHODS
+from .heatmaps import HEATMAP_METHODS
+
+ALL_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")
+
+
+@dataclass
+class EvaluateConfig:
+    """What ``advdetect evaluate`` runs; every field is recorded in report.json."""
+
+    attacks: tuple[str, ...] = ALL_ATTACKS
+    eps: tuple[float, ...] = (4 / 255, 8 / 255)
+    n: int = 1000
+    n_baseline: int = 500
+    baselines: tuple[str, ...] = HEATMAP_METHODS
+    adaptive: bool = True
+    adaptive_n: int = 100
+    adaptive_eps: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255, 64 / 255)
+    adaptive_steps: int = 40
+    adaptive_restarts: int = 1
+    gallery: int = 6
+    methods: tuple[str, ...] = ()  # mask methods to compare with the detector's (extremal, robust)
+    n_methods: int = 200
+    seed: int = 0
+    batch_size: int = 256
+    shard_size: int = 512
+
+    def __post_init__(self) -> None:
+        for name in self.attacks:
+            AttackConfig(name)  # unknown names -> UnknownNameError with the choices
+        for name in self.baselines:
+            if name not in HEATMAP_METHODS:
+                raise UnknownNameError("baseline", name, list(HEATMAP_METHODS))
+        if not self.attacks:
+            raise OptionError("give at least one attack")
+        if not self.eps:
+            raise OptionError("give at least one eps")
+        if self.n < 8:
+            raise OptionError(f"n must be at least 8 (it is split in halves), got {self.n}")
+        for name in self.methods:
+            if name not in MASK_METHODS:
+                raise UnknownNameError("mask method", name, list(MASK_METHODS))
+        if self.n_baseline > self.n or self.n_methods > self.n or self.adaptive_n > self.n // 2:
+            raise OptionError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "
+                             "uses the evaluation half)")
+
+    @property
+    def main_eps(self) -> float:
+        return max(self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def eps_tag(eps: float) -> str:
+    """8/255 -> '8/255' (a multiple of 1/255 reads as one), else the float."""
+    frac = Fraction(eps).limit_denominator(255)
+    return f"{frac.numerator}/{frac.denominator}" if frac.denominator == 255 and abs(float(frac) - eps) < 1e-9 \
+        else f"{eps:g}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One attack set of the sweep."""
+
+    attack: str
+    eps: float | None  # None: unbounded attacks (cw, deepfool)
+
+    @property
+    def key(self) -> str:
+        return self.attack if self.eps is None else f"{self.attack}@{eps_tag(self.eps)}"
+
+    @property
+    def dirname(self) -> str:
+        return self.key.replace("@", "-").replace("/", "-")
+
+    def config(self) -> AttackConfig:
+        return AttackConfig(self.attack) if self.eps is None else AttackConfig(self.attack, eps=self.eps)
+
+
+def sweep(config: EvaluateConfig) -> list[Spec]:
+    specs = []
+    for name in config.attacks:
+        if name in LINF_ATTACKS:
+            specs += [Spec(name, e) for e in sorted(config.eps)]
+        else:
+            specs.append(Spec(name, None))
+    return specs
+
+
+def main_specs(config: EvaluateConfig) -> list[Spec]:
+    """One set per attack: the largest eps for L-inf attacks."""
+    return [s for s in sweep(config) if s.eps is None or s.eps == config.main_eps]
+
+
+def parse_eps_list(text: str) -> tuple[float, ...]:
+    values = tuple(parse_eps(v) for v in text.split(",") if v.strip())
+    if not values:
+        raise OptionError("give at least one eps, e.g. --eps 4/255,8/255")
+    return values

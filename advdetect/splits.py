@@ -1,0 +1,156 @@
+"""Labelled splits: a stored attack set and its mask sets, read once, and their metrics.
+
+This module is the reading side of the stored sets (``attackset.py`` and ``maskset.py`` write
+them) and the one place that says which images count:
+
+* **correct**: clean images the classifier labels correctly - the clean class of every metric;
+* **successful**: correct images whose adversarial version the classifier gets wrong - the
+  adversarial class of every metric (a failed attack is no threat to detect).
+
+:func:`split_metrics` computes a split's detection and recovery metrics for both ``advdetect
+train`` and ``advdetect evaluate``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import AdvDetectError
+from .storage import ShardStore
+
+ATTACK_SET_FORMAT = "advdetect.attack-set/1"
+MASK_SET_FORMAT = "advdetect.mask-set/1"
+
+
+def correct_images(labels: torch.Tensor, clean_pred: torch.Tensor) -> torch.Tensor:
+    """Clean images classified correctly (bool per image)."""
+    return clean_pred == labels
+
+
+def successful_attacks(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Tensor) -> torch.Tensor:
+    """Correctly classified images whose adversarial version is misclassified (bool per image)."""
+    return correct_images(labels, clean_pred) & (adv_pred != labels)
+
+
+@dataclass
+class Split:
+    """One attack set in memory: clean and adversarial images with labels and predictions, and,
+    when loaded with :func:`load_split`, the masks the detector reads and those recovery applies."""
+
+    clean: torch.Tensor  # N x C x H x W in [0, 1]
+    adv: torch.Tensor
+    labels: torch.Tensor  # int64 N
+    clean_pred: torch.Tensor
+    adv_pred: torch.Tensor
+    manifest: dict[str, Any]  # the attack set's manifest (job, shards, metrics)
+    masks_clean: torch.Tensor | None = None  # what the detector reads, N x K x H x W
+    masks_adv: torch.Tensor | None = None
+    recovery_clean: torch.Tensor | None = None  # deletion masks mask recovery applies (the same when equal)
+    recovery_adv: torch.Tensor | None = None
+    name: str = ""
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return correct_images(self.labels, self.clean_pred)
+
+    @property
+    def successful(self) -> torch.Tensor:
+        return successful_attacks(self.labels, self.clean_pred, self.adv_pred)
+
+    def first(self, n: int) -> Split:
+        """The split of the first ``n`` images."""
+        cut = {name: getattr(self, name)[:n] for name in ("clean", "adv", "labels", "clean_pred", "adv_pred",
+                                                         "masks_clean", "masks_adv", "recovery_clean",
+                                                         "recovery_adv") if getattr(self, name) is not None}
+        return replace(self, **cut)
+
+    def with_masks(self, clean: torch.Tensor, adv: torch.Tensor) -> Split:
+        """The same images with other maps (another mask method's, or baseline heatmaps)."""
+        return replace(self, masks_clean=clean, masks_adv=adv)
+
+
+def load_attack_set(directory: str | os.PathLike) -> Split:
+    """Read a complete attack set (checksums verified), without masks."""
+    store = ShardStore(directory)
+    manifest = store.manifest()
+    if manifest.get("job", {}).get("format") != ATTACK_SET_FORMAT:
+        raise AdvDetectError(f"{directory}: not an advdetect attack set (no {ATTACK_SET_FORMAT} manifest.json)")
+    if not manifest.get("complete"):
+        raise AdvDetectError(f"{directory}: attack set is incomplete; rerun the same attack command to finish it")
+    tensors = store.load_all()
+    return Split(tensors["clean"], tensors["adv"], tensors["labels"], tensors["clean_pred"], tensors["adv_pred"],
+                 manifest, name=Path(directory).name)
+
+
+def masks_dir(attack_dir: str | os.PathLike, kind: str = "delete") -> Path:
+    """Where one kind of mask lives (``MaskConfig.kind``): ``masks/`` for meaningful deletion,
+    else ``masks-<kind>/`` (``masks-preserve``, ``masks-extremal-delete``, ``masks-robust``, ...)."""
+    return Path(attack_dir) / ("masks" if kind == "delete" else f"masks-{kind}")
+
+
+def load_mask_set(attack_dir: str | os.PathLike, kind: str = "delete") -> dict[str, torch.Tensor]:
+    """The stored masks of one ``kind`` for an attack set (checksums verified)."""
+    store = ShardStore(masks_dir(attack_dir, kind))
+    manifest = store.manifest()
+    if manifest.get("job", {}).get("format") != MASK_SET_FORMAT or not manifest.get("complete"):
+        raise AdvDetectError(f"{attack_dir}: no complete '{kind}' mask set; compute it with `advdetect masks --in "
+                             f"{attack_dir}` and the detector's mask options first")
+    return store.load_all()
+
+
+def load_split(directory: str | os.PathLike, mask_kind: str, recovery_kind: str | None = None,
+               name: str = "") -> Split:
+    """An attack set with its ``mask_kind`` masks and, if given, its ``recovery_kind`` masks: each read once."""
+    split = load_attack_set(directory)
+    masks = load_mask_set(directory, mask_kind)
+    recovery = masks if recovery_kind in (None, mask_kind) else load_mask_set(directory, recovery_kind)
+    return replace(split, masks_clean=masks["clean_mask"], masks_adv=masks["adv_mask"],
+                   recovery_clean=recovery["clean_mask"], recovery_adv=recovery["adv_mask"],
+                   name=name or split.name)
+
+
+def split_metrics(model, detector, split: Split, recovery_masks_config, recovery,
+                  clean_scores: np.ndarray | None = None) -> dict[str, Any]:
+    """Detection and recovery metrics of ``detector`` on one held-out split.
+
+    ``clean_scores``: the detector's scores of ``split.masks_clean`` when already computed
+    (splits over the same clean images share them). Detection counts correct clean images
+    against successful attacks; recovery is :func:`~advdetect.recovery.recovery_metrics` with
+    the detector's real verdicts.
+    """
+    from sklearn.metrics import roc_curve
+
+    from .detector import detection_metrics
+    from .recovery import recovery_metrics
+
+    if clean_scores is None:
+        clean_scores = detector.decision_function(split.masks_clean)
+    adv_scores = detector.decision_function(split.masks_adv)
+    correct, success = split.correct.numpy(), split.successful.numpy()
+    threshold = detector.threshold_
+    labels = np.r_[np.zeros(correct.sum()), np.ones(success.sum())]
+    scores = np.r_[clean_scores[correct], adv_scores[success]]
+    detection = detection_metrics(labels, scores, threshold)
+    rec = recovery_metrics(model, split.clean, split.adv, split.labels, split.clean_pred, split.adv_pred,
+                           split.recovery_clean, split.recovery_adv,
+                           clean_flagged=torch.as_tensor(clean_scores > threshold), mask_config=recovery_masks_config,
+                           recovery=recovery, adv_flagged=torch.as_tensor(adv_scores > threshold))
+    roc = {}
+    if success.any() and correct.any():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int))
+        roc = {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}
+    undetected = success & (adv_scores <= threshold)
+    return {
+        "params": split.manifest["job"]["attack"], **split.manifest["metrics"], **detection, **rec.to_dict(),
+        "success_against_detector": float(undetected.sum() / max(correct.sum(), 1)),
+        "roc": roc,
+        "scores": {"clean": [float(v) for v in clean_scores[correct]],  # what roc_auc and the rates come from
+                   "adversarial": [float(v) for v in adv_scores[success]]},
+    }
