@@ -30,24 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..attackset import generate_attack_set
-from ..data import CIFAR10_SIZES, load_dataset, shared_images, subset_record
+from ..data import load_dataset, subset_record
 from ..detector import MaskDetector
 from ..detector.io import library_versions
 from ..distributed import context, single_process
-from ..errors import AdvDetectError
 from ..inference import load_deployment
 from ..maskset import compute_mask_set
 from ..masks import MaskConfig
 from ..recovery import RecoveryConfig
-from ..splits import Split, load_split, split_metrics
+from ..splits import load_split, split_metrics
 from .adaptive import run_adaptive
 from .comparisons import baselines as compare_baselines
 from .comparisons import method_comparison, transfer_matrix
 from .config import EvaluateConfig, Spec, main_specs, sweep
-from .report import json_safe, write_reports
+from .guard import check_unseen
+from .report import gallery_rows, json_safe, write_reports
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +157,7 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
 
     shown = splits[main_specs(config)[0].key] if "bim" not in config.attacks else \
         splits[Spec("bim", config.main_eps).key]
-    gallery, pictures = _gallery(shown, detector, config.gallery)
+    gallery, pictures = gallery_rows(shown, detector, config.gallery)
     report = {
         "format": "advdetect.report/1",
         "out": str(out),
@@ -188,42 +186,3 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
     report = json_safe(report)
     write_reports(out, report, pictures, classes=list(wrapper.info.classes))
     return report
-
-
-def reserved_images(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The images a detector was fitted and calibrated on (detector.json's ``images``).
-
-    Detectors from before that record are reconstructed from their seed: calibrated on test
-    images, they used some of those after their ``n_eval`` held-out ones in the seeded order,
-    so every test image after those counts as reserved.
-    """
-    if isinstance(meta.get("images"), dict):
-        return [meta["images"][k] for k in ("fit", "calibration") if isinstance(meta["images"].get(k), dict)]
-    if meta.get("calibrated_on") == "test" and isinstance(meta.get("seed"), int) and isinstance(meta.get("n_eval"), int):
-        return [subset_record("test", CIFAR10_SIZES["test"] - meta["n_eval"], meta["seed"] + 1, offset=meta["n_eval"])]
-    return []
-
-
-def check_unseen(meta: dict[str, Any], images: dict[str, Any], config: EvaluateConfig) -> None:
-    """Refuse to evaluate on images the detector was fitted or calibrated on (compared by identity)."""
-    shared = shared_images(reserved_images(meta), images)
-    if shared:
-        raise AdvDetectError(f"{len(shared)} of the {config.n} evaluation images (--n {config.n}, --seed "
-                             f"{config.seed}) were used to fit or calibrate this detector; use --n "
-                             f"{meta.get('n_eval')} or fewer with --seed {meta.get('seed')}: its held-out images")
-
-
-def _gallery(split: Split, detector: MaskDetector,
-             count: int) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
-    """Rows for the report and the pictures behind them (clean, its mask, adversarial, its mask)."""
-    chosen = split.successful.nonzero().flatten()[:count].tolist()
-    if not chosen:
-        return [], []
-    clean_scores = detector.decision_function(split.masks_clean[chosen])
-    adv_scores = detector.decision_function(split.masks_adv[chosen])
-    rows = [{"index": i, "label": int(split.labels[i]), "clean_pred": int(split.clean_pred[i]),
-             "adv_pred": int(split.adv_pred[i]), "clean_score": float(clean_score), "adv_score": float(adv_score),
-             "attack": split.name} for i, clean_score, adv_score in zip(chosen, clean_scores, adv_scores)]
-    pictures = [{"clean": split.clean[i], "clean_mask": split.masks_clean[i], "adv": split.adv[i],
-                 "adv_mask": split.masks_adv[i]} for i in chosen]
-    return rows, pictures

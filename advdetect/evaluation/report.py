@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from ..detector import MaskDetector
+from ..splits import Split
 from ..storage import atomic_path, write_json
 from .figures import figures
 from .heatmaps import LABELS
@@ -257,3 +259,19 @@ def write_reports(out: str | Path, report: dict[str, Any], pictures: list[dict[s
         with atomic_path(paths[key]) as tmp:
             tmp.write_text(text, encoding="utf-8")
     return paths
+
+
+def gallery_rows(split: Split, detector: MaskDetector,
+             count: int) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
+    """Rows for the report and the pictures behind them (clean, its mask, adversarial, its mask)."""
+    chosen = split.successful.nonzero().flatten()[:count].tolist()
+    if not chosen:
+        return [], []
+    clean_scores = detector.decision_function(split.masks_clean[chosen])
+    adv_scores = detector.decision_function(split.masks_adv[chosen])
+    rows = [{"index": i, "label": int(split.labels[i]), "clean_pred": int(split.clean_pred[i]),
+             "adv_pred": int(split.adv_pred[i]), "clean_score": float(clean_score), "adv_score": float(adv_score),
+             "attack": split.name} for i, clean_score, adv_score in zip(chosen, clean_scores, adv_scores)]
+    pictures = [{"clean": split.clean[i], "clean_mask": split.masks_clean[i], "adv": split.adv[i],
+                 "adv_mask": split.masks_adv[i]} for i in chosen]
+    return rows, pictures

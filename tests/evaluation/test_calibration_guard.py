@@ -9,7 +9,7 @@ from advdetect.data import shared_images, subset_record
 from advdetect.detector import MaskDetector, save_detector
 from advdetect.errors import AdvDetectError
 from advdetect.evaluation.config import EvaluateConfig
-from advdetect.evaluation.harness import check_unseen, reserved_images
+from advdetect.evaluation.guard import check_unseen, reserved_images
 from advdetect.masks import MaskConfig
 from advdetect.training import image_records
 
