@@ -96,10 +96,6 @@ class Table:
     level: int = 2  # heading level
 
 
-def _value(report: dict[str, Any], cell: Cell) -> Any:
-    return lookup(report, cell.path)
-
-
 def table_html(table: Table, report: dict[str, Any]) -> str:
     parts = [f"<h{table.level}>{html.escape(table.title)}</h{table.level}>" if table.title else "", "<table><tr>",
              f"<th class=name>{html.escape(table.header[0])}</th>",
@@ -107,7 +103,7 @@ def table_html(table: Table, report: dict[str, Any]) -> str:
     for label, cells in table.rows:
         parts.append(f"<tr><td class=name>{html.escape(label)}</td>")
         for cell in cells:
-            value = _value(report, cell)
+            value = lookup(report, cell.path)
             klass = f' class="{cell.css}"' if cell.css else ""
             parts.append(f'<td{klass} data-path="{html.escape(cell.path)}" data-value="{html.escape(repr(value))}">'
                          f"{html.escape(cell.fmt(value))}</td>")
@@ -122,7 +118,7 @@ def table_markdown(table: Table, report: dict[str, Any]) -> list[str]:
     lines = [f"{'#' * table.level} {table.title}", ""] if table.title else []
     lines += ["| " + " | ".join(table.header) + " |", "|---" * len(table.header) + "|"]
     for label, cells in table.rows:
-        lines.append(f"| {label} | " + " | ".join(cell.fmt(_value(report, cell)) for cell in cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cell.fmt(lookup(report, cell.path)) for cell in cells) + " |")
     return lines + ([""] + [table.note] if table.note else []) + [""]
 
 
