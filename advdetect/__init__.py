@@ -5,7 +5,8 @@ The main entry points, imported lazily so that ``import advdetect`` stays cheap:
 * :func:`explain` - one image's mask and figure;
 * :class:`MeaningfulPerturbation`, :class:`MaskConfig` - masks for batches of images;
 * :class:`MaskDetector` - the clean-vs-adversarial discriminator;
-* :func:`load_model`, :func:`load_cifar10`.
+* :func:`load_model`, :func:`load_cifar10`, :class:`DataSpec` and :func:`images_for` (your own image
+  folder, streamed shard by shard).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ _EXPORTS = {
     "load_detector": "advdetect.detector",
     "load_model": "advdetect.models",
     "load_cifar10": "advdetect.data",
+    "DataSpec": "advdetect.data",
+    "images_for": "advdetect.data",
     "AdvDetectError": "advdetect.errors",
 }
 __all__ = sorted(_EXPORTS)

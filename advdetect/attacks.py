@@ -18,6 +18,7 @@ Every attack takes and returns images in [0, 1]; the model wrapper normalizes.
 from __future__ import annotations
 
 import contextlib
+import io
 from dataclasses import asdict, dataclass
 from fractions import Fraction
 
@@ -82,8 +83,21 @@ class AttackConfig:
         return d
 
 
-def build_attack(model: nn.Module, config: AttackConfig):
-    """The torchattacks object for ``config`` on ``model`` (which takes [0, 1] images)."""
+def build_attack(model: nn.Module, config: AttackConfig, device: torch.device | str | None = None):
+    """The torchattacks object for ``config`` on ``model`` (which takes [0, 1] images), on ``device``.
+
+    torchattacks finds the device from the model's parameters and prints to stdout when it has
+    none (an exported program keeps its weights outside the module tree); that print would break
+    ``--json`` output, so it is swallowed and the device set explicitly.
+    """
+    with contextlib.redirect_stdout(io.StringIO()):
+        attack = _torchattack(model, config)
+    if device is not None:
+        attack.set_device(torch.device(device))
+    return attack
+
+
+def _torchattack(model: nn.Module, config: AttackConfig):
     import torchattacks
 
     name, eps, alpha, steps = config.name, config.eps, config.resolved_alpha, config.resolved_steps
@@ -111,7 +125,7 @@ def attack_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, c
     randomness (PGD's random start) without touching the caller's random state.
     """
     with frozen(model), (seeded(seed, images.device) if seed is not None else contextlib.nullcontext()):
-        attack = build_attack(model, config)
+        attack = build_attack(model, config, images.device)
         adv = attack(images, labels)
     if config.name in LINF_ATTACKS:  # guard against float drift past the budget
         adv = torch.min(torch.max(adv, images - config.eps), images + config.eps)

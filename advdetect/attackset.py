@@ -17,9 +17,11 @@ from typing import Any
 import torch
 
 from .attacks import AttackConfig, attack_batch
-from .data import ImageSet
+from .data import DataSpec, open_split, select
 from .distributed import context
+from .errors import AdvDetectError
 from .models.wrapper import ModelWrapper
+from .sources import Selection
 from .splits import ATTACK_SET_FORMAT, correct_images, successful_attacks
 from .storage import ShardStore
 
@@ -30,7 +32,7 @@ log = logging.getLogger(__name__)
 class AttackSummary:
     """What an attack run measured. Rates are fractions in [0, 1]."""
 
-    n: int
+    n: int  # images attacked (the readable ones of those asked for)
     clean_accuracy: float
     adversarial_accuracy: float
     success_rate: float  # among images classified correctly when clean: now misclassified
@@ -38,6 +40,7 @@ class AttackSummary:
     model: dict[str, Any]
     out: str
     seconds: float
+    skipped: list[dict[str, str]]  # unreadable files, left out: {"image", "error"}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,15 +58,19 @@ def summarize(labels: torch.Tensor, clean_pred: torch.Tensor, adv_pred: torch.Te
 
 def generate_attack_set(
     model: ModelWrapper,
-    data: ImageSet,
+    data: Selection,
     config: AttackConfig,
     out: str | os.PathLike,
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
-    data_description: dict[str, Any] | None = None,
+    workers: int | None = None,
 ) -> AttackSummary:
-    """Attack every image of ``data`` and store the set under ``out`` (resumable)."""
+    """Attack every image of ``data`` and store the set under ``out``, shard by shard (resumable).
+
+    Images are decoded one shard at a time (``workers`` processes ahead of the attack), so memory
+    does not grow with the number of images. Unreadable files are left out and listed.
+    """
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -72,29 +79,39 @@ def generate_attack_set(
     device = model.device
     store = ShardStore(out)
     header = {"format": ATTACK_SET_FORMAT, "model": model.info.identity(), "attack": config.to_dict(),
-              "data": data_description or {"source": data.source, "n": len(data)},
+              "data": {k: v for k, v in data.record.items() if k != "indices"},
               "n": len(data), "seed": seed, "batch_size": batch_size}
     store.start(header)
     n_shards = (len(data) + batch_size - 1) // batch_size
     ctx = context()  # under torchrun each rank attacks its own shards
-    for i in tqdm(list(ctx.my_shards(n_shards)), desc=f"attack {config.name}", unit="batch",
-                  disable=not (progress and ctx.is_main)):
-        key = f"{i:05d}"
-        if store.has(key):
-            continue
-        sl = slice(i * batch_size, (i + 1) * batch_size)
-        x = data.images[sl].to(device)
-        y = data.labels[sl].to(device)
-        clean_pred = model.predict(x)
-        adv = attack_batch(model, x, y, config, seed=seed * 1_000_003 + i)
-        adv_pred = model.predict(adv)
-        store.put(key, {"clean": x, "adv": adv, "labels": y, "clean_pred": clean_pred, "adv_pred": adv_pred})
+    mine = list(ctx.my_shards(n_shards))
+    pending = [i for i in mine if not store.has(f"{i:05d}")]
+    with tqdm(total=len(mine), initial=len(mine) - len(pending), desc=f"attack {config.name}", unit="batch",
+              disable=not (progress and ctx.is_main)) as bar:
+        for i, batch in data.batches(batch_size, pending, workers):
+            x, y = batch.images.to(device), batch.labels.to(device)
+            if len(y):
+                model.check_input(x[:1])
+                clean_pred = model.predict(x)
+                adv = attack_batch(model, x, y, config, seed=seed * 1_000_003 + i)
+                adv_pred = model.predict(adv)
+            else:  # every file of the shard unreadable: an empty shard keeps the numbering
+                clean_pred = adv_pred = y
+                adv = x
+            store.put(f"{i:05d}", {"clean": x, "adv": adv, "labels": y, "clean_pred": clean_pred,
+                                   "adv_pred": adv_pred, "index": batch.index},
+                      extra={"skipped": batch.skipped} if batch.skipped else None)
+            bar.update(1)
     store.sync()
     tensors = store.load_all(["labels", "clean_pred", "adv_pred"])
+    if not len(tensors["labels"]):
+        raise AdvDetectError(f"none of the {len(data)} images could be read (first: "
+                             f"{store.extras('skipped')[:1]})")
     metrics = summarize(tensors["labels"], tensors["clean_pred"], tensors["adv_pred"])
-    store.finish(metrics=metrics, classes=list(model.info.classes))
-    return AttackSummary(n=len(data), attack=config.to_dict(), model=model.info.identity(), out=str(out),
-                         seconds=round(time.time() - start, 2), **metrics)
+    skipped = store.extras("skipped")
+    store.finish(metrics=metrics, classes=list(model.info.classes), skipped=skipped)
+    return AttackSummary(n=int(len(tensors["labels"])), attack=config.to_dict(), model=model.info.identity(),
+                         out=str(out), seconds=round(time.time() - start, 2), skipped=skipped, **metrics)
 
 
 def run_attack(
@@ -105,10 +122,8 @@ def run_attack(
     steps: int | None = None,
     n: int = 1000,
     out: str | os.PathLike = "attack-set",
-    split: str = "test",
-    dataset: str = "cifar10",
-    data_dir: str | os.PathLike | None = None,
-    data_path: str | os.PathLike | None = None,
+    split: str | None = None,
+    data: DataSpec | None = None,
     batch_size: int = 256,
     seed: int = 0,
     device: str = "auto",
@@ -116,14 +131,10 @@ def run_attack(
 ) -> AttackSummary:
     """Load a model and a seeded subset of data, attack it, store the set; return the summary."""
     from .attacks import parse_eps
-    from .data import load_dataset
     from .models import resolve_model
 
     config = AttackConfig(attack, eps=parse_eps(eps), alpha=None if alpha is None else parse_eps(alpha), steps=steps)
     wrapper = resolve_model(model, device)
-    data = load_dataset(dataset, split=split, n=n, seed=seed, data_dir=data_dir, data_path=data_path,
-                        input_size=wrapper.info.input_size if data_path else None, progress=progress)
-    wrapper.check_input(data.images[:1])
-    description = {"dataset": dataset if data_path is None else str(data_path), "split": split, "n": n, "seed": seed}
-    return generate_attack_set(wrapper, data, config, out, batch_size=batch_size, seed=seed,
-                               progress=progress, data_description=description)
+    images = open_split(data or DataSpec(), split, wrapper.info)
+    chosen = select(images, min(n, len(images)), seed)
+    return generate_attack_set(wrapper, chosen, config, out, batch_size=batch_size, seed=seed, progress=progress)

@@ -177,15 +177,29 @@ def main(debug: bool, verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+DATA_DIR_OPTION = click.option(
+    "--data-dir", type=click.Path(file_okay=False), default=None,
+    help="CIFAR-10 data root (ImageFolder or torchvision layout). Default: $ADVDETECT_DATA, else "
+         "~/.cache/advdetect/data.")
 DATA_OPTIONS = [
-    click.option("--data-dir", type=click.Path(file_okay=False), default=None,
-                 help="Data root (CIFAR-10 ImageFolder or torchvision layout). Default: $ADVDETECT_DATA, "
-                      "else ~/.cache/advdetect/data."),
-    click.option("--data", "data_path", type=click.Path(), default=None,
-                 help="Any ImageFolder directory <class>/<image>, resized to the model's input size."),
-    click.option("--dataset", default="cifar10", show_default=True, help="Named dataset: cifar10."),
-    click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test"])),
+    DATA_DIR_OPTION,
+    click.option("--data", "data_path", type=click.Path(file_okay=False), default=None,
+                 help="Your own images instead of CIFAR-10: an ImageFolder DIR/<class>/<image>, or DIR/train and "
+                      "DIR/test holding those; a single tree is split 70/30 into train and test by a fixed seed. "
+                      "Images are resized to the model's input size and converted to its channels."),
+    click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
+                 help="Map class folders to the model's classes: a JSON object {\"folder\": index or name}, or a "
+                      "text file with one folder name per line in the model's class order. Default: by name, else "
+                      "in sorted order when the counts agree."),
 ]
+
+
+def data_spec(kwargs: dict[str, Any]) -> Any:
+    """The DataSpec of the data options (removed from ``kwargs``)."""
+    from .data import DataSpec
+
+    return DataSpec(path=kwargs.pop("data_path"), data_dir=kwargs.pop("data_dir"),
+                    classes_file=kwargs.pop("classes_file"))
 
 
 def data_options(func: Callable) -> Callable:
@@ -202,22 +216,28 @@ def data_options(func: Callable) -> Callable:
 @click.option("--eps", default="8/255", show_default=True, help="L-inf budget, e.g. 8/255 or 0.03.")
 @click.option("--alpha", default=None, help="Step size of iterative attacks [default: 2/255].")
 @click.option("--steps", default=None, type=int, help="Iterations [default: 10; cw and deepfool 50].")
-@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=1), help="Number of images.")
-@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Number of images (all of the split, if it holds fewer).")
+@click.option("--split", default=None, type=click.Choice(["train", "test", "all"]),
+              help="Which images: CIFAR-10's (or --data DIR/train's) train or test split; for a single --data "
+                   "folder its 70% train or 30% test part, or all of it [default: test; all for a single folder].")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Images per batch: one shard on disk, the most images in memory at once.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @data_options
 @model_file_options
 @common_options
-def attack(model: str, attack: str, eps: str, alpha: str | None, steps: int | None, n: int, batch_size: int,
-           out: str, data_dir: str | None, data_path: str | None, dataset: str, split: str, device: str, seed: int,
-           as_json: bool, **files: Any) -> None:
+def attack(model: str, attack: str, eps: str, alpha: str | None, steps: int | None, n: int, split: str | None,
+           batch_size: int, out: str, device: str, seed: int, as_json: bool, **files: Any) -> None:
     """Generate adversarial images and store them with predictions in OUT."""
     from .attackset import run_attack
 
-    summary = run_attack(model=model_arg(model, dict(files, device=device)), attack=attack, eps=eps, alpha=alpha, steps=steps, n=n, out=out, split=split,
-                         dataset=dataset, data_dir=data_dir, data_path=data_path, batch_size=batch_size, seed=seed,
+    data = data_spec(files)
+    summary = run_attack(model=model_arg(model, dict(files, device=device)), attack=attack, eps=eps, alpha=alpha,
+                         steps=steps, n=n, out=out, split=split, data=data, batch_size=batch_size, seed=seed,
                          device=device, progress=not as_json or sys.stderr.isatty())
     emit(summary.to_dict(), as_json, lambda r: (
+        "".join(f"note: skipped {s['image']}: {s['error']}\n" for s in r["skipped"]) +
         f"{r['attack']['name']} eps={r['attack']['eps']:.4f} on {r['model']['name']}, {r['n']} images -> {r['out']}\n"
         f"clean accuracy        {pct(r['clean_accuracy'])}\n"
         f"adversarial accuracy  {pct(r['adversarial_accuracy'])}\n"
@@ -253,12 +273,15 @@ def mask_options(func: Callable) -> Callable:
     return func
 
 
-def mask_config(seed: int, **options: Any):
-    """A MaskConfig from the defaults plus the options the user gave."""
-    from .masks import MaskConfig
+def mask_config(seed: int, **options: Any) -> dict[str, Any]:
+    """The mask options the user gave (and the seed): overrides of the settings for the model's input size."""
+    return {"seed": seed, **{k: v for k, v in options.items() if v is not None}}
 
-    given = {k: v for k, v in options.items() if v is not None}
-    return MaskConfig(seed=seed, **given)
+
+def render_mask_config(config: dict[str, Any]) -> str:
+    keys = ("method", "game", "perturbation", "iterations", "upsample", "blur_sigma", "l1_coeff", "tv_coeff", "jitter",
+            "early_stop")
+    return "mask settings: " + ", ".join(f"{k} {config[k]}" for k in keys if k in config)
 
 
 MASK_KEYS = ("method", "game", "area", "perturbation", "iterations", "l1_coeff", "tv_coeff", "blur_sigma", "upsample",
@@ -310,7 +333,7 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
                           config=mask_config(seed, **pop_mask_options(options)), target=target,
                           out=out, device=device)
     emit(result, as_json, lambda r: "\n".join(
-        [*(f"note: {n}" for n in r["notes"]),
+        [*(f"note: {n}" for n in r["notes"]), render_mask_config(r["mask_config"]),
          f"{r['image']}: {r['target']} {pct(r['prob_before'])} -> {pct(r['prob_after'])} after deleting "
          f"{pct(r['deleted_area'])} of the image ({r['iterations']} iterations)",
          *(f"  {t['class']:<12} {pct(t['before']):>6} -> {pct(t['after']):>6}" for t in r["top"]),
@@ -322,13 +345,13 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @click.option("--attack", default="bim", show_default=True, help="Attack(s) to train on, e.g. bim or fgsm,bim,pgd.")
 @click.option("--eps", default="8/255", show_default=True, help="L-inf budget of the attacks.")
 @click.option("--n", default=5000, show_default=True, type=click.IntRange(min=10),
-              help="CIFAR-10 training images, attacked; the discriminator is fitted on them (with --calibrate-on train, "
+              help="Training images, attacked; the discriminator is fitted on them (with --calibrate-on train, "
                    "the last 20% set the threshold instead).")
 @click.option("--n-eval", default=2000, show_default=True, type=click.IntRange(min=10),
               help="Held-out test images for the reported metrics.")
 @click.option("--transfer", default=None, help="Attacks to evaluate the detector on as well, e.g. fgsm,pgd.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
+@data_options
 @click.option("--attack-batch", default=256, show_default=True, type=click.IntRange(min=1),
               help="Images per attack batch (one shard of an attack set).")
 @click.option("--shard-size", default=512, show_default=True, type=click.IntRange(min=1),
@@ -347,15 +370,16 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
-          data_dir: str | None, attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
+          attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
           fpr: float, recovery_method: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
 
+    data = data_spec(options)
     report = run_train(model=model_arg(model, dict(options, device=device)), attack=attack, eps=eps, n=n,
                        n_eval=n_eval, out=out, transfer=transfer,
-                       mask_config=mask_config(seed, **pop_mask_options(options)), data_dir=data_dir, seed=seed,
+                       mask_config=mask_config(seed, **pop_mask_options(options)), data=data, seed=seed,
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
                        n_calibration=n_calibration, fpr=fpr)
@@ -363,9 +387,11 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
 
 
 def render_train(r: dict[str, Any]) -> str:
+    data = r["data"].get("path") or r["data"]["dataset"]
     lines = [f"detector -> {r['out']} (threshold {r['threshold']:.3f} at {pct(r['calibration_fpr'])} FPR on "
              f"{r['n_calibration']} clean {r['calibrated_on']} images), "
-             f"{r['n_train']} training / {r['n_eval']} held-out images, {r['seconds']:.0f}s"]
+             f"{r['n_train']} training / {r['n_eval']} held-out images of {data}, {r['seconds']:.0f}s",
+             render_mask_config(r["mask_config"])]
     for name, m in r["metrics"].items():
         tag = "" if m["trained_on"] else " (transfer)"
         lines.append(f"{name}{tag}: accuracy {pct(m['accuracy'])}, ROC-AUC {m['roc_auc']:.3f}, "
@@ -381,40 +407,68 @@ def render_train(r: dict[str, Any]) -> str:
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images judged together.")
 @model_file_options
 @common_options
-def detect(images: tuple[str, ...], detector_dir: str, model: str | None, device: str, seed: int,
+def detect(images: tuple[str, ...], detector_dir: str, model: str | None, batch_size: int, device: str, seed: int,
            as_json: bool, **files: Any) -> None:
-    """Say for each image whether it is adversarial: label, score, verdict."""
-    from .inference import detect_images
+    """Say for each image whether it is adversarial: label, score, verdict.
+
+    IMAGES are files or folders (searched recursively). With --json, one JSON object per image
+    (JSON Lines), written as each batch is judged.
+    """
+    from .inference import iter_detections, load_deployment
 
     torch_seed(seed)
-    result = detect_images(list(images), detector_dir, model=model_arg(model, dict(files, device=device)),
-                           device=device)
-    emit(result, as_json, lambda r: "\n".join(
-        [*(f"note: {row['image']}: {note}" for row in r["images"] for note in row["notes"])]
-        + [f"{row['image']}: {row['label']} ({pct(row['confidence'])}), score {row['score']:+.2f} -> "
-           f"{'ADVERSARIAL' if row['adversarial'] else 'clean'}" for row in r["images"]]))
+    deployed = load_deployment(detector_dir, model_arg(model, dict(files, device=device)), device)
+    stream(iter_detections(list(images), deployed, batch_size, progress=sys.stderr.isatty()), as_json,
+           lambda row: "\n".join([*(f"note: {row['image']}: {note}" for note in row["notes"]),
+                                  f"{row['image']}: {row['label']} ({pct(row['confidence'])}), score "
+                                  f"{row['score']:+.2f} -> {'ADVERSARIAL' if row['adversarial'] else 'clean'}"]))
+
+
+def stream(rows: Any, as_json: bool, render: Callable[[dict[str, Any]], str]) -> None:
+    """Print each result as it comes (a JSON line with --json); unreadable images are reported on stderr
+    and, once every other image is done, make the exit code 2."""
+    failed, debug = 0, bool(click.get_current_context().find_root().params.get("debug"))
+    for row in rows:
+        if "error" in row:
+            if debug:  # --debug: stop at the first bad image with its traceback
+                raise AdvDetectError(row["error"])
+            failed += 1
+            click.echo(f"advdetect: error: {row['error']}", err=True)
+            continue
+        click.echo(json.dumps(row) if as_json else render(row))
+    if failed:
+        sys.exit(2)
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("image", type=click.Path())
+@click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Before/after figure (.png).")
+@click.option("--out", default=None, type=click.Path(),
+              help="Before/after figure (.png) for one image; a folder of them for several.")
 @click.option("--method", default=None, type=click.Choice(["blur", "mask"]),
               help="Recovery method [default: the detector's]: a light blur, or the image's mask applied back.")
+@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Images recovered together.")
 @model_file_options
 @common_options
-def recover(image: str, detector_dir: str, model: str | None, out: str | None, method: str | None, device: str,
-            seed: int, as_json: bool, **files: Any) -> None:
-    """Recover the label of a (flagged) image and report the recovered top-1 and top-5."""
-    from .inference import recover_image
+def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: str | None, method: str | None,
+            batch_size: int, device: str, seed: int, as_json: bool, **files: Any) -> None:
+    """Recover the label of (flagged) images and report the recovered top-1 and top-5.
+
+    IMAGES are files or folders (searched recursively). With --json, one JSON object per image
+    (JSON Lines), written as each batch is done.
+    """
+    from .inference import iter_recoveries, load_deployment
 
     torch_seed(seed)
-    r = recover_image(image, detector_dir, model=model_arg(model, dict(files, device=device)), out=out,
-                      device=device, method=method)
-    emit(r, as_json, lambda r: "\n".join(
+    deployed = load_deployment(detector_dir, model_arg(model, dict(files, device=device)), device,
+                               recovery_method=method)
+    stream(iter_recoveries(list(images), deployed, figures=out, batch_size=batch_size,
+                           progress=sys.stderr.isatty()), as_json, lambda r: "\n".join(
         [*(f"note: {n}" for n in r["notes"]),
          f"{r['image']}: predicted {r['prediction']} ({pct(r['confidence'])}), "
          f"{'ADVERSARIAL' if r['adversarial'] else 'clean'} (score {r['score']:+.2f})",
@@ -431,7 +485,8 @@ def recover(image: str, detector_dir: str, model: str | None, out: str | None, m
               help="Attacks to evaluate (cw and deepfool are unbounded: one set each).")
 @click.option("--eps", "eps_list", default="4/255,8/255", show_default=True,
               help="eps sweep of the L-inf attacks; the largest is the main one.")
-@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=8), help="CIFAR-10 test images.")
+@click.option("--n", default=1000, show_default=True, type=click.IntRange(min=8),
+              help="Held-out test images (of the detector's data, or --data).")
 @click.option("--n-baseline", default=500, show_default=True, type=click.IntRange(min=4),
               help="Images for the baseline heatmap methods.")
 @click.option("--baselines", default="saliency,guided_backprop,grad_cam,occlusion,integrated_gradients,raw_image",
@@ -449,11 +504,11 @@ def recover(image: str, detector_dir: str, model: str | None, out: str | None, m
               help="PGD steps (the sanity check reruns the main eps with 4x as many).")
 @click.option("--adaptive-restarts", default=1, show_default=True, type=click.IntRange(min=1),
               help="Random restarts per image.")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="CIFAR-10 data root.")
+@data_options
 @common_options
 def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n_baseline: int, baselines: str,
              methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int,
-             adaptive_restarts: int, data_dir: str | None, device: str, seed: int, as_json: bool) -> None:
+             adaptive_restarts: int, device: str, seed: int, as_json: bool, **given: Any) -> None:
     """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
     from .evaluation.config import EvaluateConfig, parse_eps_list
     from .evaluation.harness import run_evaluation
@@ -464,7 +519,7 @@ def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n
         adaptive=adaptive, adaptive_n=min(adaptive_n, n // 2), adaptive_eps=parse_eps_list(adaptive_eps),
         adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, seed=seed,
         methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_methods=min(n_methods, n))
-    report = run_evaluation(detector_dir, out, config, data_dir=data_dir, device=device, progress=True)
+    report = run_evaluation(detector_dir, out, config, data=data_spec(given), device=device, progress=True)
     emit(report, as_json, render_evaluation)
 
 

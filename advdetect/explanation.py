@@ -9,20 +9,22 @@ from typing import Any
 import torch
 
 from .masks import MaskConfig, make_explainer
+from .masks.config import resolve_mask_config
 from .models import ModelWrapper, resolve_model
 
 
 @dataclass
 class Explanation:
-    image: torch.Tensor  # 3 x H x W in [0, 1]
+    image: torch.Tensor  # C x H x W in [0, 1]
     mask: torch.Tensor  # 1 x H x W, 1 = kept
-    perturbed: torch.Tensor  # 3 x H x W
+    perturbed: torch.Tensor  # C x H x W
     probs_before: torch.Tensor  # num_classes
     probs_after: torch.Tensor
     target: int
     classes: tuple[str, ...]
     iterations: int
     notes: list[str] = field(default_factory=list)
+    mask_config: dict[str, Any] = field(default_factory=dict)  # the settings the mask was computed with
 
     def to_dict(self, top: int = 5) -> dict[str, Any]:
         order = torch.argsort(self.probs_before, descending=True)[:top].tolist()
@@ -32,7 +34,7 @@ class Explanation:
             "deleted_area": float(1 - self.mask.mean()), "iterations": self.iterations,
             "top": [{"class": self.classes[i], "before": float(self.probs_before[i]),
                      "after": float(self.probs_after[i])} for i in order],
-            "notes": self.notes,
+            "notes": self.notes, "mask_config": self.mask_config,
         }
 
     def save_figure(self, path: str | os.PathLike) -> None:
@@ -43,24 +45,25 @@ class Explanation:
 
 
 def explain(image: torch.Tensor | str | os.PathLike, model: ModelWrapper | str = "cifar10-cnn",
-            config: MaskConfig | None = None, target: int | None = None, out: str | os.PathLike | None = None,
-            device: str = "auto") -> Explanation:
+            config: MaskConfig | dict[str, Any] | None = None, target: int | None = None,
+            out: str | os.PathLike | None = None, device: str = "auto") -> Explanation:
     """Compute the meaningful-perturbation mask of one image and (optionally) save a figure.
 
-    ``image`` is a path or a 3 x H x W / 1 x 3 x H x W tensor in [0, 1]; ``model`` a
-    :class:`ModelWrapper` or a model spec such as ``"cifar10-cnn"``.
+    ``image`` is a path or a C x H x W / 1 x C x H x W tensor in [0, 1]; ``model`` a
+    :class:`ModelWrapper` or a model spec such as ``"cifar10-cnn"``; ``config`` the mask
+    settings, or overrides of those for the model's input size (:meth:`MaskConfig.for_input_size`).
     """
     from .imageio import load_image
 
     model = resolve_model(model, device)
     notes: list[str] = []
     if isinstance(image, (str, os.PathLike)):
-        loaded = load_image(image, size=model.info.input_size)
+        loaded = load_image(image, size=model.info.input_size, channels=len(model.info.mean))
         notes, image = loaded.notes, loaded.as_float()
     x = image if image.dim() == 4 else image.unsqueeze(0)
     x = x.float().to(model.device)
     model.check_input(x)
-    cfg = config or MaskConfig()
+    cfg = resolve_mask_config(config, model.info.input_size)
     explainer = make_explainer(model, cfg)
     result = explainer.attribute(x, target=target)
     with torch.no_grad():
@@ -68,13 +71,15 @@ def explain(image: torch.Tensor | str | os.PathLike, model: ModelWrapper | str =
     logits = model.logits(torch.cat([x, perturbed]))
     probs = logits.softmax(1).cpu()
     explanation = Explanation(x[0].cpu(), result.masks[0].cpu(), perturbed[0].cpu(), probs[0], probs[1],
-                              int(result.targets[0]), model.info.classes, int(result.iterations[0]), notes)
+                              int(result.targets[0]), model.info.classes, int(result.iterations[0]), notes,
+                              cfg.to_dict())
     if out is not None:
         explanation.save_figure(out)
     return explanation
 
 
-def explain_file(image: str | os.PathLike, model: str | ModelWrapper = "cifar10-cnn", config: MaskConfig | None = None,
+def explain_file(image: str | os.PathLike, model: str | ModelWrapper = "cifar10-cnn",
+                 config: MaskConfig | dict[str, Any] | None = None,
                  target: str | int | None = None, out: str | os.PathLike | None = None,
                  device: str = "auto") -> dict[str, Any]:
     """The ``explain`` command: resolve the target by name or index, explain, report as a dict."""

@@ -26,12 +26,12 @@ MAX_FILE_BYTES = 512 * 2**20  # and larger files
 class LoadedImage:
     """One image as uint8 CHW RGB plus what was done to it on the way in."""
 
-    pixels: torch.Tensor  # uint8, 3 x H x W
+    pixels: torch.Tensor  # uint8, C x H x W (C = 3, or 1 for grayscale models)
     path: Path
     notes: list[str] = field(default_factory=list)
 
     def as_float(self) -> torch.Tensor:
-        """float32 3 x H x W in [0, 1]."""
+        """float32 C x H x W in [0, 1]."""
         return self.pixels.float().div(255.0)
 
 
@@ -101,10 +101,13 @@ def _to_rgb_array(img, path: Path, notes: list[str]) -> np.ndarray:
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> LoadedImage:
-    """Read an image file as RGB, resizing to ``size`` (H, W) when given and different."""
+def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None, channels: int = 3) -> LoadedImage:
+    """Read an image file as RGB (``channels=3``) or grayscale (``channels=1``), resizing to ``size``
+    (H, W) when given and different."""
     from PIL import Image
 
+    if channels not in (1, 3):
+        raise AdvDetectError(f"models with {channels} input channels are not supported (1 or 3)")
     path = Path(path)
     notes: list[str] = []
     img = _open_checked(path, notes)
@@ -112,21 +115,23 @@ def load_image(path: str | os.PathLike, size: tuple[int, int] | None = None) -> 
         arr = _to_rgb_array(img, path, notes)
     except (OSError, ValueError, TypeError) as exc:
         raise AdvDetectError(f"{path}: cannot convert its {img.mode} pixels to RGB ({exc})") from exc
+    if channels == 1:
+        if notes and notes[-1] == "converted grayscale to RGB":
+            notes.pop()
+        else:
+            notes.append("converted to grayscale (the model takes 1 channel)")
+        arr = np.asarray(Image.fromarray(arr).convert("L"))
     if size is not None and arr.shape[:2] != tuple(size):
         h0, w0 = arr.shape[:2]
         arr = np.asarray(Image.fromarray(arr).resize((size[1], size[0]), Image.BILINEAR))
         notes.append(f"resized from {w0}x{h0} to {size[1]}x{size[0]} (the model's input size)")
-    pixels = torch.from_numpy(np.array(arr, dtype=np.uint8, copy=True)).permute(2, 0, 1).contiguous()
+    arr = np.array(arr, dtype=np.uint8, copy=True)
+    pixels = torch.from_numpy(arr[:, :, None] if arr.ndim == 2 else arr).permute(2, 0, 1).contiguous()
     return LoadedImage(pixels, path, notes)
 
 
-def load_image_uint8(path: str | os.PathLike, size: tuple[int, int] | None = None) -> torch.Tensor:
-    """uint8 3 x H x W RGB pixels of an image file."""
-    return load_image(path, size).pixels
-
-
 def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
-    """Write a float [0, 1] 3 x H x W (or 1 x 3 x H x W) tensor as PNG, atomically."""
+    """Write a float [0, 1] C x H x W (or 1 x C x H x W; C = 3 or 1) tensor as PNG, atomically."""
     from PIL import Image
 
     from .storage import atomic_path
@@ -134,5 +139,7 @@ def save_image(image: torch.Tensor, path: str | os.PathLike) -> None:
     if image.dim() == 4:
         image = image[0]
     arr = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    if arr.shape[2] == 1:  # grayscale
+        arr = arr[:, :, 0]
     with atomic_path(path) as tmp:
         Image.fromarray(arr).save(tmp, format="PNG")

@@ -1,10 +1,12 @@
-"""A deployed detector: loading it with its classifier, and ``detect`` and ``recover`` on image files."""
+"""A deployed detector: loading it with its classifier, and ``detect`` and ``recover`` on image files and folders
+(batched, streamed one result per image)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -64,78 +66,147 @@ def recovery_config(meta: dict[str, Any], method: str | None = None) -> Recovery
         raise AdvDetectError(f"bad recovery settings: {exc}") from exc
 
 
-def _load_batch(paths: Sequence[str | os.PathLike], wrapper: ModelWrapper) -> tuple[torch.Tensor, list[list[str]]]:
+def find_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """The image files ``paths`` name: files as given, folders searched recursively by extension (sorted)."""
+    from .data import IMAGE_SUFFIXES
+
     if not paths:
-        raise AdvDetectError("give at least one image file")
-    loaded = [load_image(p, size=wrapper.info.input_size) for p in paths]
-    x = torch.stack([item.as_float() for item in loaded]).to(wrapper.device)
-    wrapper.check_input(x)
-    return x, [item.notes for item in loaded]
+        raise AdvDetectError("give at least one image file or folder")
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            inside = sorted(p for p in item.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            if not inside:
+                raise AdvDetectError(f"{item}: folder holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            found.extend(inside)
+        else:
+            found.append(item)  # a missing or bad file is reported when it is read
+    return found
+
+
+def _batches(paths: list[Path], wrapper: ModelWrapper, batch_size: int,
+             progress: bool) -> Iterator[tuple[list[Path], torch.Tensor, list[list[str]], list[dict[str, str]]]]:
+    """Readable images in batches (with their notes), and the unreadable ones of each batch as errors."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(paths), unit="img", desc="images", disable=not progress or len(paths) < 2) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk, loaded, errors = paths[start:start + batch_size], [], []
+            for path in chunk:
+                try:
+                    loaded.append(load_image(path, size=wrapper.info.input_size, channels=len(wrapper.info.mean)))
+                except AdvDetectError as exc:
+                    errors.append({"image": str(path), "error": str(exc)})
+            x = torch.stack([item.as_float() for item in loaded]).to(wrapper.device) if loaded else None
+            if x is not None:
+                wrapper.check_input(x)
+            bar.update(len(chunk))
+            yield [item.path for item in loaded], x, [item.notes for item in loaded], errors
+
+
+def iter_detections(paths: Sequence[str | os.PathLike], deployed: Deployment, batch_size: int = 64,
+                    progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Label, adversarial score and verdict for each image, one dict per image as soon as its batch is judged;
+    an unreadable image gives ``{"image", "error"}`` instead."""
+    wrapper, detector = deployed.model, deployed.detector
+    explainer = make_explainer(wrapper, deployed.mask_config)
+    for files, x, notes, errors in _batches(find_images(paths), wrapper, batch_size, progress):
+        yield from errors
+        if x is None:
+            continue
+        probs = wrapper.logits(x).softmax(1).cpu()
+        scores = detector.decision_function(explainer.attribute(x).masks.cpu())
+        for i, path in enumerate(files):
+            label = int(probs[i].argmax())
+            yield {"image": str(path), "label": wrapper.info.classes[label], "label_index": label,
+                   "confidence": float(probs[i, label]), "score": float(scores[i]),
+                   "adversarial": bool(scores[i] > detector.threshold_), "notes": notes[i]}
 
 
 def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.PathLike,
-                  model: str | ModelWrapper | None = None,
-                  device: str = "auto") -> dict[str, Any]:
-    """Label, adversarial score and verdict for each image."""
+                  model: str | ModelWrapper | None = None, device: str = "auto") -> dict[str, Any]:
+    """Label, adversarial score and verdict for each image (files, or folders searched recursively)."""
     deployed = load_deployment(detector_dir, model, device)
-    wrapper, detector, config = deployed.model, deployed.detector, deployed.mask_config
-    x, notes = _load_batch(paths, wrapper)
-    probs = wrapper.logits(x).softmax(1).cpu()
-    result = make_explainer(wrapper, config).attribute(x)
-    scores = detector.decision_function(result.masks.cpu())
-    rows = []
-    for i, path in enumerate(paths):
-        label = int(probs[i].argmax())
-        rows.append({"image": str(path), "label": wrapper.info.classes[label], "label_index": label,
-                     "confidence": float(probs[i, label]), "score": float(scores[i]),
-                     "adversarial": bool(scores[i] > detector.threshold_), "notes": notes[i]})
-    return {"detector": str(detector_dir), "threshold": detector.threshold_,
-            "calibration_fpr": detector.calibration_fpr_, "images": rows}
+    rows = list(iter_detections(paths, deployed))
+    return {"detector": str(detector_dir), "threshold": deployed.detector.threshold_,
+            "calibration_fpr": deployed.detector.calibration_fpr_, "images": rows}
 
 
-def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
-                  out: str | os.PathLike | None = None, device: str = "auto", method: str | None = None) -> dict[str, Any]:
-    """The image's prediction and verdict, and the recovered top-1 / top-5 (``method``: the detector's by default).
+def iter_recoveries(paths: Sequence[str | os.PathLike], deployed: Deployment, figures: str | os.PathLike | None = None,
+                    batch_size: int = 64, progress: bool = False) -> Iterator[dict[str, Any]]:
+    """Each image's prediction and verdict, and the recovered top-1 / top-5, one dict per image (an
+    unreadable image gives ``{"image", "error"}``). ``figures``: a before/after figure per image, at that
+    path for a single image, else ``<figures>/<n>-<name>.png``.
 
-    If the detector flags the image, its prediction is ruled out of the recovered ranking
-    (unless the detector's recovery settings say otherwise).
+    A flagged image's prediction is ruled out of the recovered ranking (unless the detector's
+    recovery settings say otherwise).
     """
-    from .plots import explanation_figure
-
-    deployed = load_deployment(detector_dir, model, device, recovery_method=method)
     wrapper, detector, config = deployed.model, deployed.detector, deployed.mask_config
     settings, rec_config = deployed.recovery_config, deployed.recovery_masks_config
-    x, notes = _load_batch([path], wrapper)
-    detection = make_explainer(wrapper, config).attribute(x)
-    score = float(detector.decision_function(detection.masks.cpu())[0])
-    flagged = score > detector.threshold_
-    shown = detection  # the mask drawn in the figure (the one applied back, for mask recovery)
-    if settings.method == "mask" and rec_config != config:
-        shown = make_explainer(wrapper, rec_config).attribute(x)
-    before = wrapper.logits(x).softmax(1).cpu()[0]
+    detect_masks = make_explainer(wrapper, config)
+    recovery_masks = make_explainer(wrapper, rec_config) if settings.method == "mask" and rec_config != config else None
+    files_all = find_images(paths)
+    count = 0
+    for files, x, notes, errors in _batches(files_all, wrapper, batch_size, progress):
+        yield from errors
+        if x is None:
+            continue
+        detection = detect_masks.attribute(x)
+        scores = detector.decision_function(detection.masks.cpu())
+        flagged = torch.as_tensor(scores > detector.threshold_)
+        shown = recovery_masks.attribute(x) if recovery_masks is not None else detection  # the mask applied back
+        before = wrapper.logits(x).softmax(1).cpu()
+        predicted = before.argmax(1)
+        rec = recover(wrapper, x, shown.masks, settings, mask_config=rec_config, predicted=predicted, flagged=flagged)
+        for i, path in enumerate(files):
+            figure = None
+            if figures is not None:
+                figure = Path(figures) if len(files_all) == 1 else Path(figures) / f"{count:05d}-{path.stem}.png"
+                _recovery_figure(figure, deployed, x[i], shown.masks[i], rec.images[i], before[i], rec.probs[i],
+                                 int(predicted[i]), bool(flagged[i]), float(scores[i]), int(rec.top5[i, 0]))
+            count += 1
+            yield _recovery_row(path, deployed, before[i], rec.probs[i], rec.top5[i].tolist(), float(scores[i]),
+                                bool(flagged[i]), figure, notes[i])
+
+
+def _recovery_row(path: Path, deployed: Deployment, before: torch.Tensor, after: torch.Tensor, top5: list[int],
+                  score: float, flagged: bool, figure: Path | None, notes: list[str]) -> dict[str, Any]:
+    classes, settings = deployed.model.info.classes, deployed.recovery_config
     predicted = int(before.argmax())
-    rec = recover(wrapper, x, shown.masks, settings, mask_config=rec_config,
-                  predicted=torch.tensor([predicted]), flagged=torch.tensor([flagged]))
-    after = rec.probs[0]
     ruled_out = predicted if settings.exclude_flagged and flagged else None
-    classes = wrapper.info.classes
-    top5 = rec.top5[0].tolist()
-    if out is not None:
-        how = ("the image's deletion mask applied back" if settings.method == "mask"
-               else f"light blur (sigma {settings.sigma:g} px)")
-        title = f"recovery: {how}" + (f", flagged label {classes[ruled_out]} ruled out" if ruled_out is not None
-                                      else "")
-        mask_title = ("deletion mask applied back (deleted regions)" if settings.method == "mask"
-                      else f"mask the detector read (score {score:+.2f})")
-        explanation_figure(x[0].cpu(), shown.masks[0].cpu(), rec.images[0], before, after, classes, predicted, out,
-                           title=title, panel_titles=(
-                               f"input: {classes[predicted]} ({before[predicted]:.1%})", mask_title,
-                               f"recovered input: {classes[top5[0]]} ({after[top5[0]]:.1%})"))
     return {
         "image": str(path), "prediction": classes[predicted], "confidence": float(before.max()),
         "score": score, "adversarial": flagged, "method": settings.method,
         "ruled_out": classes[ruled_out] if ruled_out is not None else None,
         "recovered": classes[top5[0]], "recovered_top5": [{"class": classes[i], "probability": float(after[i])}
                                                          for i in top5],
-        "figure": str(out) if out else None, "notes": notes[0],
+        "figure": str(figure) if figure else None, "notes": notes,
     }
+
+
+def _recovery_figure(path: Path, deployed: Deployment, image: torch.Tensor, mask: torch.Tensor,
+                     recovered: torch.Tensor, before: torch.Tensor, after: torch.Tensor, predicted: int,
+                     flagged: bool, score: float, top1: int) -> None:
+    from .plots import explanation_figure
+
+    classes, settings = deployed.model.info.classes, deployed.recovery_config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    how = ("the image's deletion mask applied back" if settings.method == "mask"
+           else f"light blur (sigma {settings.sigma:g} px)")
+    ruled_out = settings.exclude_flagged and flagged
+    title = f"recovery: {how}" + (f", flagged label {classes[predicted]} ruled out" if ruled_out else "")
+    mask_title = ("deletion mask applied back (deleted regions)" if settings.method == "mask"
+                  else f"mask the detector read (score {score:+.2f})")
+    explanation_figure(image.cpu(), mask.cpu(), recovered, before, after, classes, predicted, path, title=title,
+                       panel_titles=(f"input: {classes[predicted]} ({before[predicted]:.1%})", mask_title,
+                                     f"recovered input: {classes[top1]} ({after[top1]:.1%})"))
+
+
+def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
+                  out: str | os.PathLike | None = None, device: str = "auto", method: str | None = None) -> dict[str, Any]:
+    """One image's prediction, verdict and recovered top-1 / top-5 (``method``: the detector's by default)."""
+    deployed = load_deployment(detector_dir, model, device, recovery_method=method)
+    row = next(iter_recoveries([path], deployed, figures=out))
+    if "error" in row:
+        raise AdvDetectError(row["error"])
+    return row

@@ -18,9 +18,10 @@ import torch
 from .distributed import context
 from .errors import AdvDetectError
 from .masks import MaskConfig, make_explainer
+from .masks.config import resolve_mask_config
 from .models import check_same_classifier
 from .models.wrapper import ModelWrapper
-from .splits import MASK_SET_FORMAT, load_attack_set, load_mask_set, masks_dir
+from .splits import MASK_SET_FORMAT, AttackSetReader, masks_dir
 from .storage import ShardStore
 
 
@@ -39,76 +40,80 @@ class MaskSetSummary:
         return asdict(self)
 
 
-def _clean_donor(attack_dir: str | os.PathLike | None, clean: torch.Tensor, config: MaskConfig,
-                 shard_size: int) -> dict[str, torch.Tensor] | None:
-    """Clean masks of another attack set over the very same clean images and mask settings."""
-    if attack_dir is None:
-        return None
-    manifest = ShardStore(masks_dir(attack_dir, config.kind)).manifest()
-    job = manifest.get("job", {})
-    if (not manifest.get("complete") or job.get("mask_config") != config.to_dict()
-            or job.get("shard_size") != shard_size):
-        return None
-    if not torch.equal(load_attack_set(attack_dir).clean, clean):
-        return None
-    masks = load_mask_set(attack_dir, config.kind)
-    return {k: v for k, v in masks.items() if k.startswith("clean_")}
+class _CleanDonor:
+    """Clean masks of another attack set over the same clean images and mask settings, shard by shard."""
+
+    def __init__(self, attack_dir: str | os.PathLike | None, config: MaskConfig, shard_size: int) -> None:
+        self.store = self.reader = None
+        if attack_dir is None:
+            return
+        store = ShardStore(masks_dir(attack_dir, config.kind))
+        manifest = store.manifest()
+        job = manifest.get("job", {})
+        if (manifest.get("complete") and job.get("mask_config") == config.to_dict()
+                and job.get("shard_size") == shard_size):
+            self.store, self.reader = store, AttackSetReader(attack_dir)
+
+    def shard(self, key: str, start: int, stop: int, clean: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """The donor's clean masks for images ``start..stop-1`` if its clean images there are ``clean``."""
+        if self.reader is None or key not in self.store.manifest()["shards"] or self.reader.n < stop:
+            return None
+        if not torch.equal(self.reader.rows(start, stop, ("clean",))["clean"], clean):
+            return None
+        return self.store.get(key, [f"clean_{name}" for name in MASK_FIELDS])
 
 
-def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config: MaskConfig | None = None,
+MASK_FIELDS = ("mask", "target", "prob_before", "prob_after", "iterations")
+
+
+def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike,
+                     config: MaskConfig | dict[str, Any] | None = None,
                      shard_size: int = 512, progress: bool = True,
                      reuse_clean_from: str | os.PathLike | None = None) -> MaskSetSummary:
     """Compute masks for every clean and adversarial image of the attack set at ``attack_dir``.
 
+    The set is read one shard at a time, so memory does not grow with its size. ``config``: the mask
+    settings, or overrides of those for the model's input size (:meth:`MaskConfig.for_input_size`).
     ``reuse_clean_from`` names another attack set over the same clean images (another attack
     on the same subset): its clean masks are copied instead of recomputed when they were made
     with the same settings (masks are deterministic, so this changes nothing but the time).
     """
     from tqdm.auto import tqdm
 
-    config = config or MaskConfig()
+    config = resolve_mask_config(config, model.info.input_size)
     start = time.time()
-    data = load_attack_set(attack_dir)
+    data = AttackSetReader(attack_dir)
     check_same_classifier(data.manifest["job"]["model"], model.info.identity(), f"attack set {attack_dir}")
     device = model.device
     store = ShardStore(masks_dir(attack_dir, config.kind))
     store.start({"format": MASK_SET_FORMAT, "mask_config": config.to_dict(), "attack_set": data.manifest["shards"],
                  "shard_size": shard_size})
     explainer = make_explainer(model, config)
-    donor = _clean_donor(reuse_clean_from, data.clean, config, shard_size)
-    n = int(data.labels.shape[0])
+    donor = _CleanDonor(reuse_clean_from, config, shard_size)
+    n = data.n
     n_shards = (n + shard_size - 1) // shard_size
     ctx = context()  # under torchrun each rank computes its own shards
     mine = list(ctx.my_shards(n_shards))
-    bar = tqdm(total=2 * sum(len(range(n)[i * shard_size:(i + 1) * shard_size]) for i in mine), desc="masks",
-               unit="mask", disable=not (progress and ctx.is_main))
-    for i in mine:
-        key = f"{i:05d}"
-        sl = slice(i * shard_size, (i + 1) * shard_size)
-        count = len(range(n)[sl])
-        if store.has(key):
-            bar.update(2 * count)
-            continue
-        tensors: dict[str, torch.Tensor] = {}
-        for side, images in (("clean", data.clean[sl]), ("adv", data.adv[sl])):
-            if side == "clean" and donor is not None:
-                tensors.update({k: v[sl] for k, v in donor.items()})
-                bar.update(count)
+    total = 2 * sum(len(range(n)[i * shard_size:(i + 1) * shard_size]) for i in mine)
+    with tqdm(total=total, desc="masks", unit="mask", disable=not (progress and ctx.is_main)) as bar:
+        for i in mine:
+            key = f"{i:05d}"
+            lo, hi = i * shard_size, min(n, (i + 1) * shard_size)
+            if store.has(key):
+                bar.update(2 * (hi - lo))
                 continue
-            result = explainer.attribute(images.to(device))
-            tensors.update({f"{side}_mask": result.masks, f"{side}_target": result.targets,
-                            f"{side}_prob_before": result.prob_before, f"{side}_prob_after": result.prob_after,
-                            f"{side}_iterations": result.iterations})
-            bar.update(count)
-        store.put(key, tensors)
-    bar.close()
+            images = data.rows(lo, hi, ("clean", "adv"))
+            tensors = donor.shard(key, lo, hi, images["clean"]) or {}
+            for side in ("clean", "adv"):
+                if f"{side}_mask" not in tensors:
+                    result = explainer.attribute(images[side].to(device))
+                    tensors.update({f"{side}_mask": result.masks, f"{side}_target": result.targets,
+                                    f"{side}_prob_before": result.prob_before,
+                                    f"{side}_prob_after": result.prob_after, f"{side}_iterations": result.iterations})
+                bar.update(hi - lo)
+            store.put(key, tensors)
     store.sync()
-    stored = store.load_all()
-    summary = {side: {"mean_iterations": stored[f"{side}_iterations"].float().mean().item(),
-                      "mean_mask": stored[f"{side}_mask"].mean().item(),
-                      "deleted_fraction": (stored[f"{side}_prob_after"]
-                                           <= 0.1 * stored[f"{side}_prob_before"]).float().mean().item()}
-               for side in ("clean", "adv")}
+    summary = _summary(store)
     store.finish(summary=summary)
     seconds = time.time() - start
     return MaskSetSummary(n=n, out=str(store.directory), seconds=round(seconds, 2),
@@ -116,7 +121,25 @@ def compute_mask_set(model: ModelWrapper, attack_dir: str | os.PathLike, config:
                           adversarial=summary["adv"], config=config.to_dict())
 
 
-def run_mask_set(attack_dir: str | os.PathLike, model: str | ModelWrapper | None = None, config: MaskConfig | None = None,
+def _summary(store: ShardStore) -> dict[str, dict[str, float]]:
+    """Mean iterations, mean mask value and the share of images whose class the mask deleted, per side,
+    accumulated one shard at a time."""
+    totals = {side: {"iterations": 0.0, "mask": 0.0, "deleted": 0.0, "n": 0, "pixels": 0} for side in ("clean", "adv")}
+    names = [f"{side}_{f}" for side in ("clean", "adv") for f in ("mask", "iterations", "prob_before", "prob_after")]
+    for shard in store.iter_shards(names):
+        for side, t in totals.items():
+            mask = shard[f"{side}_mask"]
+            t["iterations"] += shard[f"{side}_iterations"].float().sum().item()
+            t["mask"] += mask.double().sum().item()
+            t["pixels"] += mask.numel()
+            t["deleted"] += (shard[f"{side}_prob_after"] <= 0.1 * shard[f"{side}_prob_before"]).sum().item()
+            t["n"] += len(mask)
+    return {side: {"mean_iterations": t["iterations"] / max(t["n"], 1), "mean_mask": t["mask"] / max(t["pixels"], 1),
+                   "deleted_fraction": t["deleted"] / max(t["n"], 1)} for side, t in totals.items()}
+
+
+def run_mask_set(attack_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
+                 config: MaskConfig | dict[str, Any] | None = None,
                  shard_size: int = 512, device: str = "auto", progress: bool = True) -> MaskSetSummary:
     """The ``masks`` command: load the attack set's model (or ``model``) and compute its masks."""
     from .models import load_recorded_model, resolve_model

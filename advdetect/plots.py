@@ -9,8 +9,12 @@ from collections.abc import Sequence
 import torch
 
 
-def _hwc(image: torch.Tensor):
-    return image.detach().cpu().clamp(0, 1).permute(1, 2, 0).numpy()
+def image_hwc(image: torch.Tensor):
+    """H x W x 3 for an RGB image, H x W x 3 gray for a 1-channel one (drawn without a colormap)."""
+    image = image.detach().cpu().clamp(0, 1)
+    if image.shape[0] == 1:
+        image = image.expand(3, -1, -1)
+    return image.permute(1, 2, 0).numpy()
 
 
 def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch.Tensor,
@@ -28,7 +32,7 @@ def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch
 
     fig = Figure(figsize=(14, 3.6))
     axes = fig.subplots(1, 4, gridspec_kw={"width_ratios": [1, 1, 1, 1.5]})
-    axes[0].imshow(_hwc(image), interpolation="nearest")
+    axes[0].imshow(image_hwc(image), interpolation="nearest")
     titles = list(panel_titles or (f"input: {classes[target]} ({probs_before[target]:.1%})",
                                    "mask (deleted regions)",
                                    f"perturbed: {classes[target]} ({probs_after[target]:.1%})"))
@@ -37,7 +41,7 @@ def explanation_figure(image: torch.Tensor, mask: torch.Tensor, perturbed: torch
                           interpolation="nearest")
     axes[1].set_title(titles[1])
     fig.colorbar(heat, ax=axes[1], fraction=0.046, pad=0.04)
-    axes[2].imshow(_hwc(perturbed), interpolation="nearest")
+    axes[2].imshow(image_hwc(perturbed), interpolation="nearest")
     axes[2].set_title(titles[2])
     for ax in axes[:3]:
         ax.axis("off")

@@ -54,6 +54,7 @@ class Split:
     recovery_clean: torch.Tensor | None = None  # deletion masks mask recovery applies (the same when equal)
     recovery_adv: torch.Tensor | None = None
     name: str = ""
+    index: torch.Tensor | None = None  # each image's position in the selection attacked (files left out skip)
 
     @property
     def correct(self) -> torch.Tensor:
@@ -67,7 +68,8 @@ class Split:
         """The split of the first ``n`` images."""
         cut = {name: getattr(self, name)[:n] for name in ("clean", "adv", "labels", "clean_pred", "adv_pred",
                                                          "masks_clean", "masks_adv", "recovery_clean",
-                                                         "recovery_adv") if getattr(self, name) is not None}
+                                                         "recovery_adv", "index")
+               if getattr(self, name) is not None and getattr(self, name).numel()}
         return replace(self, **cut)
 
     def with_masks(self, clean: torch.Tensor, adv: torch.Tensor) -> Split:
@@ -75,17 +77,59 @@ class Split:
         return replace(self, masks_clean=clean, masks_adv=adv)
 
 
+class AttackSetReader:
+    """A complete attack set, read a range of images at a time (checksums verified), so a job over a
+    large set holds one shard in memory, not the set."""
+
+    FIELDS = ("clean", "adv", "labels", "clean_pred", "adv_pred")
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        self.store = ShardStore(directory)
+        self.manifest = self.store.manifest()
+        if self.manifest.get("job", {}).get("format") != ATTACK_SET_FORMAT:
+            raise AdvDetectError(f"{directory}: not an advdetect attack set (no {ATTACK_SET_FORMAT} manifest.json)")
+        if not self.manifest.get("complete"):
+            raise AdvDetectError(f"{directory}: attack set is incomplete; rerun the same attack command to finish it")
+        self.keys = sorted(self.manifest["shards"])
+        sizes = [int(self.manifest["shards"][k].get("n", 0)) for k in self.keys]
+        self.starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        self.n = sum(sizes)
+        self._cache: dict[tuple[str, tuple[str, ...]], dict[str, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rows(self, start: int, stop: int, names: tuple[str, ...] = FIELDS) -> dict[str, torch.Tensor]:
+        """Images ``start..stop-1`` of the set (only ``names``)."""
+        parts = []
+        for key, first in zip(self.keys, self.starts):
+            count = int(self.manifest["shards"][key].get("n", 0))
+            if first + count <= start or first >= stop or not count:
+                continue
+            cache_key = (key, tuple(names))
+            if cache_key not in self._cache:
+                self._cache = {cache_key: self.store.get(key, list(names))}  # one shard kept: ranges go forward
+            shard = self._cache[cache_key]
+            lo, hi = max(start, first) - first, min(stop, first + count) - first
+            parts.append({k: v[lo:hi] for k, v in shard.items()})
+        if not parts:
+            raise AdvDetectError(f"{self.directory}: no images {start}..{stop - 1} (the set holds {self.n})")
+        return {k: torch.cat([p[k] for p in parts]) for k in names}
+
+    def index(self) -> torch.Tensor:
+        """Each image's position in the selection that was attacked (unreadable files left out)."""
+        if "index" in self.store.names(self.keys[0]):
+            return self.store.load_all(["index"])["index"]
+        return torch.arange(self.n)  # sets from before the index was stored: no file was ever left out
+
+
 def load_attack_set(directory: str | os.PathLike) -> Split:
     """Read a complete attack set (checksums verified), without masks."""
-    store = ShardStore(directory)
-    manifest = store.manifest()
-    if manifest.get("job", {}).get("format") != ATTACK_SET_FORMAT:
-        raise AdvDetectError(f"{directory}: not an advdetect attack set (no {ATTACK_SET_FORMAT} manifest.json)")
-    if not manifest.get("complete"):
-        raise AdvDetectError(f"{directory}: attack set is incomplete; rerun the same attack command to finish it")
-    tensors = store.load_all()
+    reader = AttackSetReader(directory)
+    tensors = reader.rows(0, reader.n)
     return Split(tensors["clean"], tensors["adv"], tensors["labels"], tensors["clean_pred"], tensors["adv_pred"],
-                 manifest, name=Path(directory).name)
+                 reader.manifest, name=Path(directory).name, index=reader.index())
 
 
 def masks_dir(attack_dir: str | os.PathLike, kind: str = "delete") -> Path:
@@ -94,25 +138,49 @@ def masks_dir(attack_dir: str | os.PathLike, kind: str = "delete") -> Path:
     return Path(attack_dir) / ("masks" if kind == "delete" else f"masks-{kind}")
 
 
-def load_mask_set(attack_dir: str | os.PathLike, kind: str = "delete") -> dict[str, torch.Tensor]:
-    """The stored masks of one ``kind`` for an attack set (checksums verified)."""
+def load_mask_set(attack_dir: str | os.PathLike, kind: str = "delete", names: list[str] | None = None,
+                  pool: int | None = None) -> dict[str, torch.Tensor]:
+    """The stored masks of one ``kind`` for an attack set (checksums verified): every field, or ``names``.
+
+    ``pool``: average-pool ``*_mask`` fields to ``pool x pool`` shard by shard (what the detector
+    reads anyway), so large masks never sit in memory at full size.
+    """
     store = ShardStore(masks_dir(attack_dir, kind))
     manifest = store.manifest()
     if manifest.get("job", {}).get("format") != MASK_SET_FORMAT or not manifest.get("complete"):
         raise AdvDetectError(f"{attack_dir}: no complete '{kind}' mask set; compute it with `advdetect masks --in "
                              f"{attack_dir}` and the detector's mask options first")
-    return store.load_all()
+    if pool is None:
+        return store.load_all(names)
+    parts = [{k: _pooled(v, pool) if k.endswith("_mask") else v for k, v in shard.items()}
+             for shard in store.iter_shards(names)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _pooled(masks: torch.Tensor, size: int) -> torch.Tensor:
+    if masks.shape[-1] == size and masks.shape[-2] == size:
+        return masks
+    return torch.nn.functional.adaptive_avg_pool2d(masks, size)
 
 
 def load_split(directory: str | os.PathLike, mask_kind: str, recovery_kind: str | None = None,
-               name: str = "") -> Split:
-    """An attack set with its ``mask_kind`` masks and, if given, its ``recovery_kind`` masks: each read once."""
-    split = load_attack_set(directory)
-    masks = load_mask_set(directory, mask_kind)
-    recovery = masks if recovery_kind in (None, mask_kind) else load_mask_set(directory, recovery_kind)
+               name: str = "", images: bool = True, pool: int | None = None) -> Split:
+    """An attack set with its ``mask_kind`` masks and, if given, its ``recovery_kind`` masks: each read once.
+
+    ``images=False`` leaves the images out (empty tensors) and reads only labels, predictions and
+    masks; ``pool`` pools the detector's masks (see :func:`load_mask_set`): what fitting a detector needs.
+    """
+    reader = AttackSetReader(directory)
+    fields = AttackSetReader.FIELDS if images else ("labels", "clean_pred", "adv_pred")
+    t = reader.rows(0, reader.n, fields)
+    empty = torch.empty(0)
+    split = Split(t.get("clean", empty), t.get("adv", empty), t["labels"], t["clean_pred"], t["adv_pred"],
+                  reader.manifest, name=name or Path(directory).name, index=reader.index())
+    masks = load_mask_set(directory, mask_kind, ["clean_mask", "adv_mask"], pool=pool)
+    recovery = masks if recovery_kind in (None, mask_kind) else \
+        load_mask_set(directory, recovery_kind, ["clean_mask", "adv_mask"])
     return replace(split, masks_clean=masks["clean_mask"], masks_adv=masks["adv_mask"],
-                   recovery_clean=recovery["clean_mask"], recovery_adv=recovery["adv_mask"],
-                   name=name or split.name)
+                   recovery_clean=recovery["clean_mask"], recovery_adv=recovery["adv_mask"])
 
 
 def split_metrics(model, detector, split: Split, recovery_masks_config, recovery,

@@ -154,10 +154,10 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], meta
     return digest
 
 
-def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors file, verifying its sha256 when given."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def load_tensors(path: str | os.PathLike, sha256: str | None = None,
+                 names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (only the tensors ``names``, if given), verifying its sha256 when given."""
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -165,7 +165,12 @@ def load_tensors(path: str | os.PathLike, sha256: str | None = None) -> dict[str
     if sha256 is not None and sha256_file(path) != sha256:
         raise AdvDetectError(f"{path}: checksum mismatch (file corrupted or modified); delete it and recompute")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            available = list(f.keys())
+            missing = [n for n in names or () if n not in available]
+            if missing:
+                raise AdvDetectError(f"{path}: holds no tensor {missing[0]!r}; the file is from another job")
+            return {name: f.get_tensor(name) for name in (names or available)}
     except (SafetensorError, OSError, ValueError) as exc:
         raise AdvDetectError(f"{path}: not a valid safetensors file ({exc})") from exc
 
@@ -245,11 +250,13 @@ class ShardStore:
         entry = self.manifest().get("shards", {}).get(key) or self._rank_entries().get(key)
         return bool(entry) and (self.directory / entry["file"]).is_file()
 
-    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Write shard ``key`` and record it: in the manifest, or under torchrun in this rank's own file."""
+    def put(self, key: str, tensors: dict[str, torch.Tensor], extra: dict[str, Any] | None = None) -> None:
+        """Write shard ``key`` and record it: in the manifest, or under torchrun in this rank's own file.
+
+        ``extra``: JSON-able facts about the shard kept in its manifest entry (see :meth:`extras`)."""
         name = self.shard_name(key)
         digest = save_tensors(self.directory / name, tensors)
-        entry = {"file": name, "sha256": digest, "n": int(next(iter(tensors.values())).shape[0])}
+        entry = {"file": name, "sha256": digest, "n": int(next(iter(tensors.values())).shape[0]), **(extra or {})}
         ctx = context()
         path = self._rank_manifest(ctx.rank) if ctx.enabled else self.manifest_path
         record = read_json(path) if path.exists() else {"shards": {}}
@@ -276,11 +283,40 @@ class ShardStore:
                     path.unlink()
         ctx.barrier()
 
-    def get(self, key: str) -> dict[str, torch.Tensor]:
+    def get(self, key: str, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Shard ``key`` (checksum verified): all its tensors, or only ``names``."""
         entry = self.manifest()["shards"][key]
         if not isinstance(entry, dict) or Path(str(entry.get("file"))).name != entry.get("file"):
             raise AdvDetectError(f"{self.manifest_path}: bad entry for shard {key}; the manifest is damaged")
-        return load_tensors(self.directory / entry["file"], sha256=entry["sha256"])
+        return load_tensors(self.directory / entry["file"], sha256=entry["sha256"], names=names)
+
+    def names(self, key: str) -> list[str]:
+        """The tensor names shard ``key`` holds (read from its header only)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.directory / self.manifest()["shards"][key]["file"]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return list(f.keys())
+        except (SafetensorError, OSError) as exc:
+            raise AdvDetectError(f"{path}: not a valid safetensors file ({exc})") from exc
+
+    def keys(self) -> list[str]:
+        """The recorded shards, in order."""
+        manifest = self.manifest()
+        if not manifest.get("shards"):
+            raise AdvDetectError(f"{self.directory}: no {MANIFEST} with shards; is this an advdetect output folder?")
+        return sorted(manifest["shards"])
+
+    def extras(self, name: str) -> list[Any]:
+        """The ``extra[name]`` lists recorded with the shards (see :meth:`put`), concatenated in shard order."""
+        entries = {**self.manifest().get("shards", {}), **self._rank_entries()}
+        return [item for key in sorted(entries) for item in entries[key].get(name, [])]
+
+    def iter_shards(self, names: list[str] | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Each shard in order (only ``names`` of it): one shard in memory at a time."""
+        for key in self.keys():
+            yield self.get(key, names)
 
     def finish(self, **fields: Any) -> dict[str, Any]:
         ctx = context()
@@ -293,10 +329,7 @@ class ShardStore:
         return manifest
 
     def load_all(self, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Concatenate every shard (in key order) into one dict of tensors."""
-        manifest = self.manifest()
-        if not manifest.get("shards"):
-            raise AdvDetectError(f"{self.directory}: no {MANIFEST} with shards; is this an advdetect output folder?")
-        parts = [self.get(k) for k in sorted(manifest["shards"])]
+        """Concatenate every shard (in key order) into one dict of tensors (only ``keys``, if given)."""
+        parts = list(self.iter_shards(keys))
         names = keys or list(parts[0])
         return {name: torch.cat([p[name] for p in parts]) for name in names}

@@ -4,8 +4,12 @@ Layout of ``out/``::
 
     detector.json, detector.safetensors   the trained, calibrated detector
     report.json                           what was measured on held-out test images
-    work/train-<attack>/                  attack set (+ masks/) on CIFAR-10 training images
-    work/test-<attack>/                   attack set (+ masks/) on test images, for evaluation
+    work/train-<attack>/                  attack set (+ masks/) on training images
+    work/calibration-<attack>/            clean test images the threshold is set on (--calibrate-on test)
+    work/test-<attack>/                   attack set (+ masks/) on held-out test images, for the report
+
+Images come from CIFAR-10 or the user's own folder (``--data``, see :class:`advdetect.data.DataSpec`),
+decoded and processed shard by shard.
 
 Every stage is resumable: rerunning the same command reuses finished shards.
 Training images are split into a fitting part (with its own validation split for early
@@ -26,14 +30,17 @@ import torch
 
 from .attacks import AttackConfig, parse_eps
 from .attackset import generate_attack_set
-from .data import CIFAR10_SIZES, load_dataset, subset_record
-from .distributed import context
-from .errors import OptionError
+from .data import DataSpec, open_split, select
 from .detector import MaskDetector, save_detector
+from .detector.network import MASK_SIZE
+from .distributed import context
+from .errors import AdvDetectError, OptionError
 from .masks import MaskConfig
+from .masks.config import resolve_mask_config
 from .maskset import compute_mask_set
 from .models.wrapper import ModelWrapper
 from .recovery import RecoveryConfig
+from .sources import Selection
 from .splits import load_split, split_metrics
 from .storage import write_json
 
@@ -56,6 +63,9 @@ class TrainReport:
     calibration_fpr: float
     metrics: dict[str, Any]  # per attack: detection + recovery on held-out test images
     seconds: float
+    data: dict[str, Any]  # where the images came from (DataSpec.describe)
+    mask_config: dict[str, Any]  # the mask settings used
+    images: dict[str, Any]  # which images fitted, calibrated and were held out (as in detector.json)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,21 +79,16 @@ def parse_attacks(spec: str, eps: str | float) -> list[AttackConfig]:
     return [AttackConfig(name, eps=value) for name in names]
 
 
-def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int, seed: int, work: Path,
-                  mask_config: MaskConfig, data_dir: str | os.PathLike | None, batch_size: int,
-                  progress: bool, reuse_clean_from: Path | None = None, shard_size: int = 512, offset: int = 0,
-                  name: str | None = None, recovery_masks: bool = False) -> Path:
-    """Attack set + masks for ``n`` images of ``split`` (resumable); returns its directory.
+def prepare_split(model: ModelWrapper, attack: AttackConfig, images: Selection, directory: Path,
+                  mask_config: MaskConfig, batch_size: int, progress: bool, reuse_clean_from: Path | None = None,
+                  shard_size: int = 512, recovery_masks: bool = False) -> Path:
+    """Attack set + masks for ``images`` in ``directory`` (resumable, streamed shard by shard); returns it.
 
     ``reuse_clean_from``: an earlier split over the same images, whose clean masks are reused.
-    ``offset``/``name``: images ``offset..offset+n`` of the seeded order, in ``work/<name>-<attack>``.
     ``recovery_masks``: also the deletion masks that mask recovery applies, if the detector reads others.
     """
-    directory = work / f"{name or split}-{attack.name}"
-    data = load_dataset("cifar10", split=split, n=n, seed=seed, data_dir=data_dir, progress=progress, offset=offset)
-    description = {"dataset": "cifar10", "split": split, "n": n, "seed": seed, **({"offset": offset} if offset else {})}
-    generate_attack_set(model, data, attack, directory, batch_size=batch_size, seed=seed, progress=progress,
-                        data_description=description)
+    generate_attack_set(model, images, attack, directory, batch_size=batch_size, seed=images.record["seed"],
+                        progress=progress)
     compute_mask_set(model, directory, config=mask_config, progress=progress, reuse_clean_from=reuse_clean_from,
                      shard_size=shard_size)
     if recovery_masks and mask_config.for_recovery() != mask_config:
@@ -95,53 +100,71 @@ def prepare_split(model: ModelWrapper, attack: AttackConfig, split: str, n: int,
 def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_eval: int, out: str | os.PathLike,
                    mask_config: MaskConfig | None = None, detector: MaskDetector | None = None,
                    transfer: list[AttackConfig] | None = None, calibration_fraction: float = 0.2,
-                   data_dir: str | os.PathLike | None = None, batch_size: int = 256, seed: int = 0,
+                   data: DataSpec | None = None, batch_size: int = 256, seed: int = 0,
                    progress: bool = True, shard_size: int = 512,
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
                    n_calibration: int = 1000) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
-    ``calibrate_on="test"`` sets the threshold on ``n_calibration`` clean CIFAR-10 test images
-    disjoint from the ``n_eval`` evaluation images; ``"train"`` on the last
-    ``calibration_fraction`` of the training images (which the classifier was trained on, so
-    it is more confident on them and the held-out false-positive rate comes out higher).
+    ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
+    ``calibrate_on="test"`` sets the threshold on ``n_calibration`` clean test images disjoint
+    from the ``n_eval`` evaluation images; ``"train"`` on the last ``calibration_fraction`` of the
+    training images (which the classifier was trained on, so it is more confident on them and the
+    held-out false-positive rate comes out higher).
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     if calibrate_on not in CALIBRATION_SOURCES:
         raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
-    if calibrate_on == "test" and n_eval + n_calibration > CIFAR10_SIZES['test']:
-        raise OptionError(f"n_eval + n_calibration ({n_eval} + {n_calibration}) exceeds the {CIFAR10_SIZES['test']} "
-                         "CIFAR-10 test images")
+    data = data or DataSpec()
+    train_images, test_images = (open_split(data, split, model.info) for split in ("train", "test"))
+    if n > len(train_images):
+        raise OptionError(f"--n {n}: the training part of the data holds only {len(train_images)} images")
+    needed = n_eval + (n_calibration if calibrate_on == "test" else 0)
+    if needed > len(test_images):
+        raise OptionError(f"--n-eval + --n-calibration ({n_eval} + {n_calibration}) exceeds the "
+                          f"{len(test_images)} test images of the data" if calibrate_on == "test" else
+                          f"--n-eval {n_eval} exceeds the {len(test_images)} test images of the data")
     start = time.time()
     out = Path(out)
     work = out / "work"
     mask_config = mask_config or MaskConfig()
     recovery = recovery or RecoveryConfig()
     detector = detector or MaskDetector(seed=seed, device=str(model.device))
+    fit_images = select(train_images, n, seed)
+    held_out_images = select(test_images, n_eval, seed + 1)
 
     train_dirs: list[Path] = []
     for attack in attacks:
-        train_dirs.append(prepare_split(model, attack, "train", n, seed, work, mask_config, data_dir, batch_size,
-                                        progress, reuse_clean_from=train_dirs[0] if train_dirs else None,
+        train_dirs.append(prepare_split(model, attack, fit_images, work / f"train-{attack.name}", mask_config,
+                                        batch_size, progress, reuse_clean_from=train_dirs[0] if train_dirs else None,
                                         shard_size=shard_size))
-    # "train": the training images are split by index, the first part fits, the rest calibrates.
+    # "train": the training images are split by position, the first part fits, the rest calibrates.
     # "test": every training image fits; clean test images right after the evaluation images calibrate
     # (images the classifier never saw, like those it will be deployed on).
     n_fit = n if calibrate_on == "test" else int(round(n * (1 - calibration_fraction)))
-    fitting = torch.arange(n) < n_fit
     fit_adv, clean_split = [], None
-    for directory in train_dirs:
-        split = load_split(directory, mask_config.kind)
+    for directory in train_dirs:  # the detector reads masks at its own resolution: pooled as they are read
+        split = load_split(directory, mask_config.kind, images=False, pool=MASK_SIZE)
         clean_split = clean_split or split  # every attack set holds the same clean images
-        fit_adv.append(split.masks_adv[split.successful & fitting])
+        fit_adv.append(split.masks_adv[split.successful & (split.index < n_fit)])
+    fitting = clean_split.index < n_fit
     fit_clean = clean_split.masks_clean[clean_split.correct & fitting]
     cal_clean = clean_split.masks_clean[clean_split.correct & ~fitting]
+    records = {"fit": fit_images.identify(clean_split.index[fitting].tolist())}
     if calibrate_on == "test":
-        cal_dir = prepare_split(model, attacks[0], "test", n_calibration, seed + 1, work, mask_config, data_dir,
-                                batch_size, progress, shard_size=shard_size, offset=n_eval, name="calibration")
-        calibration = load_split(cal_dir, mask_config.kind)
+        cal_images = select(test_images, n_calibration, seed + 1, offset=n_eval)
+        cal_dir = prepare_split(model, attacks[0], cal_images, work / f"calibration-{attacks[0].name}", mask_config,
+                                batch_size, progress, shard_size=shard_size)
+        calibration = load_split(cal_dir, mask_config.kind, images=False, pool=MASK_SIZE)
         cal_clean = calibration.masks_clean[calibration.correct]
+        records["calibration"] = cal_images.identify(calibration.index.tolist())
+    else:
+        records["calibration"] = fit_images.identify(clean_split.index[~fitting].tolist())
+    if not len(fit_clean) or not sum(len(a) for a in fit_adv) or not len(cal_clean):
+        raise AdvDetectError(f"nothing to fit on: {len(fit_clean)} correctly classified clean images, "
+                             f"{sum(len(a) for a in fit_adv)} successful attacks, {len(cal_clean)} calibration "
+                             "images; check that the data's classes match the model's (see --classes) and use more images")
     adv = _balanced(fit_adv, len(fit_clean), seed)
     X = torch.cat([fit_clean, adv])
     y = torch.cat([torch.zeros(len(fit_clean)), torch.ones(len(adv))])
@@ -152,38 +175,31 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     eval_attacks = list(attacks) + [a for a in (transfer or []) if a not in attacks]
     metrics, first_test = {}, None
     for attack in eval_attacks:
-        directory = prepare_split(model, attack, "test", n_eval, seed + 1, work, mask_config, data_dir, batch_size,
-                                  progress, reuse_clean_from=first_test, shard_size=shard_size, recovery_masks=True)
+        directory = prepare_split(model, attack, held_out_images, work / f"test-{attack.name}", mask_config,
+                                  batch_size, progress, reuse_clean_from=first_test, shard_size=shard_size,
+                                  recovery_masks=True)
         first_test = first_test or directory
         held_out = load_split(directory, mask_config.kind, recovery_masks.kind)
         metrics[attack.name] = split_metrics(model, detector, held_out, recovery_masks, recovery)
         metrics[attack.name]["trained_on"] = attack in attacks
+        records.setdefault("held_out", held_out_images.identify(held_out.index.tolist()))
     report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],
                          n_train=n, n_eval=n_eval, threshold=detector.threshold_,
                          calibrated_on=calibrate_on, n_calibration=int(len(cal_clean)),
                          calibration_fpr=detector.calibration_fpr_, metrics=metrics,
-                         seconds=round(time.time() - start, 1))
+                         seconds=round(time.time() - start, 1), data=data.describe(),
+                         mask_config=mask_config.to_dict(), images=records)
     ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it
     if ctx.is_main:
         save_detector(out, detector, model.info.identity(), mask_config,
                       extra={"recovery_config": mask_config.for_recovery().to_dict(), "recovery": recovery.to_dict(),
                              "attacks": report.attacks, "metrics": metrics, "history": detector.history_,
                              "n_train": n, "n_eval": n_eval, "calibrated_on": calibrate_on,
-                             "n_calibration": report.n_calibration, "seed": seed,
-                             "images": image_records(n, n_fit, n_eval, n_calibration, calibrate_on, seed)})
+                             "n_calibration": report.n_calibration, "seed": seed, "data": report.data,
+                             "images": records})  # evaluate refuses these fit and calibration images
         write_json(out / "report.json", report.to_dict())
     ctx.barrier()
     return report
-
-
-def image_records(n: int, n_fit: int, n_eval: int, n_calibration: int, calibrate_on: str,
-                  seed: int) -> dict[str, Any]:
-    """The images the detector was fitted and calibrated on, and the held-out ones (CIFAR-10 indices)."""
-    train = subset_record("train", n, seed)
-    fit = dict(train, indices=train["indices"][:n_fit])
-    calibration = (subset_record("test", n_calibration, seed + 1, offset=n_eval) if calibrate_on == "test"
-                   else dict(train, indices=train["indices"][n_fit:]))
-    return {"fit": fit, "calibration": calibration, "held_out": subset_record("test", n_eval, seed + 1)}
 
 
 def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
@@ -195,18 +211,23 @@ def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
 
 def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,
               n_eval: int = 2000, out: str | os.PathLike = "detector", transfer: str | None = None,
-              mask_config: MaskConfig | None = None, data_dir: str | os.PathLike | None = None, seed: int = 0,
+              mask_config: MaskConfig | dict[str, Any] | None = None, data: DataSpec | None = None, seed: int = 0,
               device: str = "auto", progress: bool = True, batch_size: int = 256,
               shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
               n_calibration: int = 1000, fpr: float = 0.05) -> TrainReport:
-    """The ``train`` command: resolve names, then :func:`train_detector`."""
+    """The ``train`` command: resolve names, then :func:`train_detector`.
+
+    ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
+    (:meth:`MaskConfig.for_input_size`).
+    """
     from .models import resolve_model
 
     attacks = parse_attacks(attack, eps)
     transfer_attacks = parse_attacks(transfer, eps) if transfer else []
     wrapper = resolve_model(model, device)
+    mask_config = resolve_mask_config(mask_config, wrapper.info.input_size)
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
-                          transfer=transfer_attacks, data_dir=data_dir, seed=seed, progress=progress,
+                          transfer=transfer_attacks, data=data, seed=seed, progress=progress,
                           detector=MaskDetector(seed=seed, device=str(wrapper.device), fpr=fpr), batch_size=batch_size,
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration)

@@ -12,7 +12,10 @@ hyperparameters:
     weights) at the same batch size -> ``overhead_ratio``;
 (c) early stopping vs a fixed count: ``iterations_saved`` and the deletion quality of both
     (fraction of correctly classified images whose target probability falls to <= 10%),
-    and the default configuration's speed-up -> ``speedup_default_vs_per_image``.
+    and the default configuration's speed-up -> ``speedup_default_vs_per_image``;
+(d) ``masks_per_second_by_size``: the settings each input size gets (MaskConfig.for_input_size)
+    at 32 px with the built-in model and at 224 px with torchvision's resnet18 (CIFAR-10 test
+    images upsampled). ``--sizes-only`` runs just this part.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advdetect.data import load_cifar10  # noqa: E402
+from advdetect.data import load_cifar10, load_dataset  # noqa: E402
 from advdetect.masks import MaskConfig, MeaningfulPerturbation, make_explainer  # noqa: E402
 from advdetect.masks.loss import objective  # noqa: E402
 from advdetect.masks.parameterization import low_res_shape  # noqa: E402
@@ -91,6 +94,19 @@ def quality(result, correct: torch.Tensor) -> float:
     return (result.deletion_ratio[correct] <= 0.1).float().mean().item()
 
 
+def rates_by_input_size(data_dir: str | None, quick: bool, device: torch.device) -> dict:
+    """Masks/s with each input size's own settings: 32 px (built-in model), 224 px (resnet18)."""
+    rows = {}
+    for spec, size, n in (("cifar10-cnn", 32, 32 if quick else 128), ("torchvision:resnet18", 224, 2 if quick else 8)):
+        model = load_model(spec, device=device)
+        images = load_dataset("cifar10", "test", n=n, seed=2024, data_dir=data_dir, input_size=(size, size)).images
+        cfg = MaskConfig.for_input_size(size)
+        _, seconds = timed(make_explainer(model, cfg).attribute, images.to(device))
+        rows[f"{size}px"] = {"model": spec, "n_images": n, "masks_per_second": round(n / seconds, 3),
+                             "iterations": cfg.iterations, "early_stop": cfg.early_stop, "upsample": cfg.upsample}
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
@@ -101,7 +117,13 @@ def main() -> None:
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes to try")
     p.add_argument("--device", default="cpu")
     p.add_argument("--n-methods", type=int, default=None, help="images for the per-method rates (default 64)")
+    p.add_argument("--sizes-only", action="store_true", help="only (d): masks/s at 32 and 224 px")
     args = p.parse_args()
+    by_input_size = rates_by_input_size(args.data_dir, args.quick, torch.device(args.device))
+    if args.sizes_only:
+        print(json.dumps({"device": args.device, "threads": torch.get_num_threads(),
+                          "masks_per_second_by_size": by_input_size}))
+        return
 
     n = args.n or (64 if args.quick else 256)
     n_single = args.n_per_image or (4 if args.quick else 24)
@@ -160,6 +182,7 @@ def main() -> None:
         "speedup_default_vs_per_image": round(n / t_early / per_image_rate, 2),
         "config": default.to_dict(),
         "methods_masks_per_second": methods,
+        "masks_per_second_by_size": by_input_size,
     }
     print(json.dumps(report))
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from advdetect.masks import MaskConfig  # noqa: E402
+from advdetect.data import DataSpec  # noqa: E402
 from advdetect.recovery import RECOVERY_METHODS, RecoveryConfig  # noqa: E402
 from advdetect.training import run_train  # noqa: E402
 
@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="cifar10-cnn")
     p.add_argument("--attack", default="bim")
+    p.add_argument("--data", default=None, help="an image folder of your own instead of CIFAR-10 (see README)")
     p.add_argument("--transfer", default="fgsm,pgd")
     p.add_argument("--eps", default="8/255")
     p.add_argument("--n", type=int, default=4000, help="training images (all fit the detector unless --calibrate-on train)")
@@ -54,9 +55,10 @@ def main() -> None:
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate the threshold is calibrated to")
     args = p.parse_args()
     report = run_train(model=args.model, attack=args.attack, eps=args.eps, n=args.n, n_eval=args.n_eval,
-                       out=args.out, transfer=args.transfer or None, data_dir=args.data_dir, seed=args.seed,
+                       out=args.out, transfer=args.transfer or None, seed=args.seed,
+                       data=DataSpec(path=args.data, data_dir=args.data_dir),
                        device=args.device, progress=sys.stderr.isatty(),
-                       mask_config=MaskConfig(game=args.game, seed=args.seed),
+                       mask_config={"game": args.game, "seed": args.seed},  # on the settings for the input size
                        recovery=RecoveryConfig(method=args.recovery), calibrate_on=args.calibrate_on,
                        n_calibration=args.n_calibration, fpr=args.fpr).to_dict()
     main_attack = args.attack.split(",")[0]

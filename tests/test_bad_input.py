@@ -76,6 +76,12 @@ def tiny_model_file(tmp: Path, name: str = "tiny.pt") -> Path:
     return path
 
 
+def _empty_dir(path: Path) -> Path:
+    path.mkdir()
+    (path / "notes.txt").write_text("no images here")
+    return path
+
+
 def tampered_detector(tmp: Path, detector: Path, how: str) -> Path:
     out = tmp / "det"
     out.mkdir()
@@ -131,7 +137,8 @@ Case = tuple[str, Callable[[Path, Path], list[str]], int, str]
 
 CASES: list[Case] = [
     ("missing-image", lambda t, d: ["detect", str(t / "nope.png"), "--detector", str(d)], 2, "no such file"),
-    ("directory-as-image", lambda t, d: ["detect", str(t), "--detector", str(d)], 2, "is a directory"),
+    ("folder-without-images", lambda t, d: ["detect", str(_empty_dir(t / "empty")), "--detector", str(d)], 2,
+     "folder holds no images"),
     ("empty-file", lambda t, d: ["detect", str(_touch(t / "e.png")), "--detector", str(d)], 2, "empty (0 bytes)"),
     ("not-an-image", lambda t, d: ["detect", str(_text(t / "x.png")), "--detector", str(d)], 2, "not a readable image"),
     ("truncated-png", lambda t, d: ["detect", str(truncated(t / "t.png", "PNG")), "--detector", str(d)], 2,
@@ -177,11 +184,11 @@ CASES: list[Case] = [
      "checksum mismatch"),
     ("model-cannot-take-size", lambda t, d: ["explain", str(png(t / "a.png")), "--model", str(tiny_model_file(t)),
                                              "--mean", "0.5", "--std", "0.25", "--input-size", "8"], 2,
-     "model fails on a 1x3x8x8 input"),
+     "model fails on a 1x3x8x8 or 1x1x8x8 input"),
     ("model-cannot-take-channels", lambda t, d: ["explain", str(png(t / "a.png")), "--model",
                                                  str(tiny_model_file(t)), "--mean", "0.5,0.5,0.5,0.5",
                                                  "--std", "0.25", "--input-size", "16"], 2,
-     "model fails on a 1x4x16x16 input"),
+     "channels must be 1 or 3, got 4"),
     ("figure-in-unwritable-dir", lambda t, d: ["explain", str(png(t / "a.png")), "--iterations", "5", "--out",
                                                str(not_writable(t) / "fig.png")], 2, "cannot write"),
     ("out-under-a-file", lambda t, d: ["explain", str(png(t / "a.png")), "--iterations", "5", "--out",
@@ -252,7 +259,7 @@ def test_odd_modes_are_converted_and_reported(tmp_path, detector, mode, note):
     path = png(tmp_path / ("x.tiff" if mode == "F" else "x.png"), mode=mode, size=(40, 24))
     result = invoke(["detect", str(path), "--detector", str(detector), "--json"])
     assert result.exit_code == 0, result.output
-    notes = json.loads(result.stdout.strip().splitlines()[-1])["images"][0]["notes"]
+    notes = json.loads(result.stdout.strip().splitlines()[-1])["notes"]  # JSON Lines: one object per image
     assert any(note in n for n in notes), notes
     assert any("resized from 24x40 to 32x32" in n for n in notes), notes
 
@@ -300,7 +307,7 @@ def test_internal_error_is_exit_1_with_one_line(tmp_path, detector, monkeypatch)
     def broken(*args, **kwargs):
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(advdetect.inference, "detect_images", broken)
+    monkeypatch.setattr(advdetect.inference, "iter_detections", broken)
     result = invoke(["detect", str(png(tmp_path / "a.png")), "--detector", str(detector)])
     assert result.exit_code == 1
     assert result.stderr.strip() == ("advdetect: internal error: RuntimeError: simulated bug "

@@ -26,7 +26,7 @@ def test_help(command):
     [
         (["--model", "nope"], "unknown model 'nope'; choose one of: cifar10-cnn"),
         (["--attack", "nope"], "unknown attack 'nope'; choose one of: fgsm, bim, pgd, mifgsm, ll-bim, cw, deepfool"),
-        (["--dataset", "nope"], "unknown dataset 'nope'; choose one of: cifar10"),
+        (["--data", "/nonexistent/folder"], "--data /nonexistent/folder: no such directory"),
         (["--eps", "8/0"], "bad epsilon '8/0'"),
         (["--eps", "abc"], "bad epsilon 'abc'"),
     ],

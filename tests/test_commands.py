@@ -87,10 +87,12 @@ def test_detect_and_recover(detector_dir, tmp_path):
     Image.fromarray(rgba).convert("RGBA").resize((64, 64)).save(tmp_path / "big.png")
     result = run("detect", str(tmp_path / "adv.png"), str(tmp_path / "big.png"), "--detector", str(out), "--json")
     assert result.exit_code == 0, result.output
-    rows = last_json(result)["images"]
+    rows = [json.loads(line) for line in result.stdout.strip().splitlines()]  # JSON Lines
     assert [r["image"].endswith(n) for r, n in zip(rows, ("adv.png", "big.png"))] == [True, True]
     assert any("resized" in n for n in rows[1]["notes"]) and any("alpha" in n for n in rows[1]["notes"])
     assert all(isinstance(r["adversarial"], bool) for r in rows)
+    alone = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
+    assert alone["score"] == pytest.approx(rows[0]["score"], abs=1e-4)  # a batch judges each image as alone
     text = run("detect", str(tmp_path / "adv.png"), "--detector", str(out))
     assert "score" in text.output and ("ADVERSARIAL" in text.output or "clean" in text.output)
     rec = run("recover", str(tmp_path / "adv.png"), "--detector", str(out), "--out", str(tmp_path / "r.png"), "--json")
@@ -200,7 +202,7 @@ def test_two_channel_detector_end_to_end(tmp_path):
     from advdetect.detector import load_detector
 
     detector, _ = load_detector(out)
-    rows = last_json(detected)["images"]
+    rows = [json.loads(line) for line in detected.stdout.strip().splitlines()]  # JSON Lines
     scores = detector.decision_function(torch.cat([masks["adv_mask"][:1], masks["clean_mask"][:1]]))
     # the same masks as in training (the adversarial image only rounded to 8 bits by the PNG)
     assert rows[1]["score"] == pytest.approx(float(scores[1]), abs=1e-4)

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..plots import image_hwc
 from .heatmaps import LABELS
 
 
@@ -107,8 +108,8 @@ def figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cla
                                                 ("adv_mask", f"mask, score {meta['adv_score']:+.2f}"))):
                 img = pic[key].detach().cpu().float()
                 ax = axes[row][col]
-                if img.shape[0] == 3:
-                    ax.imshow(img.permute(1, 2, 0).clamp(0, 1).numpy())
+                if key in ("clean", "adv"):  # an image (RGB or grayscale)
+                    ax.imshow(image_hwc(img))
                 else:  # a mask; two channels (game "both"): the deletion one
                     ax.imshow(img[-1].numpy(), cmap="magma", vmin=0, vmax=1)
                 ax.set_title(title, fontsize=7)

@@ -7,7 +7,7 @@ the adaptive attacker in :mod:`.adaptive`, the report files in :mod:`.report`.
 Layout of ``out/``::
 
     report.json  report.html  report.md     the report (see report.py)
-    work/<attack>-<eps>/ (+ masks/)          attack sets on CIFAR-10 test images, resumable
+    work/<attack>-<eps>/ (+ masks/)          attack sets on held-out test images, resumable
 
 Splits. The deployed detector (trained on training images, calibrated on test images after its
 ``n_eval`` held-out ones, or on training images) is evaluated on the first ``n`` of the same
@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from ..attackset import generate_attack_set
-from ..data import load_dataset, subset_record
+from ..data import DataSpec, images_for, open_split
 from ..detector import MaskDetector
 from ..detector.io import library_versions
 from ..distributed import context, single_process
+from ..errors import OptionError
 from ..inference import load_deployment
 from ..maskset import compute_mask_set
 from ..masks import MaskConfig
@@ -52,7 +53,7 @@ log = logging.getLogger(__name__)
 THREAT_MODEL = (
     "The defender deploys the classifier behind the mask detector: an input whose "
     "meaningful-perturbation mask the detector flags is rejected (and its label recovered: "
-    "see the recovery settings). Attackers perturb CIFAR-10 test images within an L-inf ball of "
+    "see the recovery settings). Attackers perturb held-out test images within an L-inf ball of "
     "radius eps (FGSM, BIM, PGD, MI-FGSM; CW-L2 and DeepFool are unbounded minimal-perturbation "
     "attacks). Non-adaptive attackers know the classifier (white box) but not the detector. The "
     "adaptive attacker knows the classifier, the detector's weights and threshold and the mask "
@@ -82,9 +83,13 @@ class Timer:
 
 
 def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, config: EvaluateConfig | None = None,
-                   data_dir: str | os.PathLike | None = None, device: str = "auto",
+                   data: DataSpec | None = None, device: str = "auto",
                    progress: bool = True) -> dict[str, Any]:
-    """Evaluate the detector in ``detector_dir``; write report.{json,html,md} under ``out``; return the report."""
+    """Evaluate the detector in ``detector_dir``; write report.{json,html,md} under ``out``; return the report.
+
+    ``data``: where the test images come from; by default the data the detector was trained on
+    (its recorded folder, or CIFAR-10 under ``data.data_dir``).
+    """
     config = config or EvaluateConfig()
     start_all = time.time()
     timer = Timer()
@@ -92,19 +97,22 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     deployed = load_deployment(detector_dir, None, device)
     wrapper, detector, meta, mask_config = deployed.model, deployed.detector, deployed.meta, deployed.mask_config
     recovery_masks_config, recovery = deployed.recovery_masks_config, deployed.recovery_config
-    check_unseen(meta, subset_record("test", config.n, config.seed + 1), config)
+    data = DataSpec.recorded(meta.get("data"), *(() if data is None else (data.path, data.data_dir,
+                                                                         data.classes_file)))
+    test_images = open_split(data, "test", wrapper.info)
+    if config.n > len(test_images):
+        raise OptionError(f"--n {config.n}: the data holds only {len(test_images)} test images")
+    images = images_for(wrapper.info, data, "test", config.n, config.seed + 1)
+    record = images.identify()
+    check_unseen(meta, record, config)
 
     ctx = context()
     with timer.stage("attacks_and_masks"):  # shared by every rank under torchrun, shard by shard
-        data = load_dataset("cifar10", split="test", n=config.n, seed=config.seed + 1, data_dir=data_dir,
-                            progress=progress)
         directories, first = {}, None
         for spec in sweep(config):
             directory = out / "work" / spec.dirname
-            generate_attack_set(wrapper, data, spec.config(), directory, batch_size=config.batch_size,
-                                seed=config.seed, progress=progress,
-                                data_description={"dataset": "cifar10", "split": "test", "n": config.n,
-                                                  "seed": config.seed + 1})
+            generate_attack_set(wrapper, images, spec.config(), directory, batch_size=config.batch_size,
+                                seed=config.seed, progress=progress)
             # the detector's masks, and the deletion masks recovery applies (when they differ)
             for masks_config in dict.fromkeys([mask_config, recovery_masks_config]):
                 compute_mask_set(wrapper, directory, config=masks_config, progress=progress, reuse_clean_from=first,
@@ -116,13 +124,13 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
         return {"rank": ctx.rank, "out": str(out)}
     with single_process():
         return _report(detector_dir, out, config, wrapper, detector, meta, mask_config, recovery_masks_config,
-                       recovery, directories, timer, start_all, progress)
+                       recovery, directories, timer, start_all, progress, data, record)
 
 
 def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: MaskDetector, meta: dict[str, Any],
             mask_config: MaskConfig, recovery_masks_config: MaskConfig, recovery: RecoveryConfig,
             directories: dict[str, tuple[Spec, Path]], timer: Timer, start_all: float,
-            progress: bool) -> dict[str, Any]:
+            progress: bool, data: DataSpec, record: dict[str, Any]) -> dict[str, Any]:
     """Everything after the shared attack and mask stages, in one process: metrics, comparisons, report files."""
     splits = {key: load_split(directory, mask_config.kind, recovery_masks_config.kind, name=key)
               for key, (_, directory) in directories.items()}
@@ -168,6 +176,8 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
                      "calibration_fpr": detector.calibration_fpr_, "mask_config": mask_config.to_dict(),
                      "recovery_config": recovery_masks_config.to_dict(), "recovery": recovery.to_dict()},
         "config": config.to_dict(),
+        "data": data.describe(),
+        "images": record,  # which test images (indices; content ids for an image folder)
         "splits": {"detector": f"all {config.n} test images (seed {config.seed + 1})",
                    "fit_half": f"test images 0..{half - 1}", "eval_half": f"test images {half}..{config.n - 1}",
                    "baselines": f"the first {config.n_baseline} test images, halves of those"},

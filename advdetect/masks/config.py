@@ -11,6 +11,7 @@ from .perturbation import PERTURBATIONS
 
 
 MASK_METHODS = ("meaningful", "extremal", "robust")
+PAPER_FROM = 64  # inputs this large (pixels, larger side) get the paper's settings, scaled (for_input_size)
 BOTH_CHANNELS = ("preserve", "delete")  # game "both": the channels of its masks, in order
 EXTREMAL_KEYS = ("area", "area_coeff", "smooth", "step", "max_blur", "levels")
 ROBUST_KEYS = ("cross_coeff", "preserve_coeff")
@@ -157,6 +158,23 @@ class MaskConfig:
                    iterations=300, lr=0.1, jitter=4.0, noise=0.0, early_stop=False, score="prob", floor=0.0)
         return replace(base, **overrides)
 
+    @classmethod
+    def for_input_size(cls, size: int | tuple[int, ...], **overrides: Any) -> MaskConfig:
+        """The settings for inputs of ``size`` pixels (the larger side), with ``overrides`` on top.
+
+        The rule: below ``PAPER_FROM`` (64) pixels, the defaults tuned at 32 x 32; from there on,
+        the paper's settings (:meth:`paper`) with their geometry scaled from 224 pixels to the
+        input - a mask of about 28 x 28 (``upsample = round(size / 28)``), blur sigma
+        ``10 * size / 224`` and jitter ``4 * size / 224`` pixels - so at 224 they are exactly the
+        paper's. (The loss weights are per-pixel means, so they need no scaling.)
+        """
+        side = max(size) if isinstance(size, (tuple, list)) else int(size)
+        if side < PAPER_FROM:
+            return cls(**overrides)
+        geometry = {"upsample": max(1, round(side / 28)), "blur_sigma": round(10.0 * side / 224, 2),
+                    "jitter": round(4.0 * side / 224, 2)}
+        return cls.paper(**{**geometry, **overrides})
+
     def replace(self, **changes: Any) -> MaskConfig:
         return replace(self, **changes)
 
@@ -174,3 +192,10 @@ class MaskConfig:
         if unknown:
             raise OptionError(f"unknown mask settings: {', '.join(sorted(unknown))}")
         return cls(**data)
+
+
+def resolve_mask_config(config: MaskConfig | dict[str, Any] | None, input_size: tuple[int, ...]) -> MaskConfig:
+    """``config`` itself, or the settings for ``input_size`` with ``config`` (a dict) as overrides."""
+    if isinstance(config, MaskConfig):
+        return config
+    return MaskConfig.for_input_size(input_size, **(config or {}))

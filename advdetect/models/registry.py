@@ -4,7 +4,8 @@ Specs:
 
 * ``cifar10-cnn`` - the built-in classifier shipped under ``data/models``;
 * ``torchvision:NAME`` or ``torchvision:NAME:WEIGHTS`` - any torchvision classification model
-  (ImageNet normalization; weights none unless named);
+  (ImageNet normalization; without named weights, the same seeded random initialization every
+  time, identified by its sha256);
 * a path to a ``torch.export`` program (``.pt2``) or a TorchScript file (``.pt``/``.pth``),
   with normalization and input size from options or a JSON file beside it (``model.pt2.json``
   or ``model.json``).
@@ -16,6 +17,7 @@ TorchScript, whose loader builds tensors and TorchScript code, never Python obje
 
 from __future__ import annotations
 
+import hashlib
 import os
 import warnings
 from collections.abc import Sequence
@@ -25,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..device import seeded
 from ..errors import AdvDetectError, UnknownNameError
 from ..storage import load_tensors, read_json, sha256_file
 from .cifar_cnn import CifarCNN
@@ -56,14 +59,18 @@ def load_model(
     std: Sequence[float] | None = None,
     input_size: Sequence[int] | None = None,
     classes: Sequence[str] | None = None,
+    channels: int | None = None,
 ) -> ModelWrapper:
-    """Load a classifier by spec (see module doc), in eval mode on ``device``."""
+    """Load a classifier by spec (see module doc), in eval mode on ``device``.
+
+    For a model file, ``mean``/``std``/``input_size``/``classes``/``channels`` override its JSON
+    sidecar (``channels`` defaults to the length of ``mean``, else the one of 3 and 1 it accepts)."""
     if spec in BUILTIN_MODELS:
         model = _load_builtin(spec)
     elif spec.startswith("torchvision:"):
         model = _load_torchvision(spec)
     elif Path(spec).suffix in MODEL_FILE_SUFFIXES:
-        model = _load_file(Path(spec), mean, std, input_size, classes)
+        model = _load_file(Path(spec), mean, std, input_size, classes, channels)
     else:
         raise UnknownNameError("model", spec, [*BUILTIN_MODELS, "torchvision:<name>[:<weights>]", "<file>.pt2", "<file>.pt"])
     return model.to(device).eval()
@@ -93,7 +100,8 @@ def load_recorded_model(identity: dict[str, Any], device: str = "auto", where: s
                              "with the model's current location")
     model = load_model(name, device=resolve_device(device), mean=identity.get("mean") if is_file else None,
                        std=identity.get("std") if is_file else None,
-                       input_size=identity.get("input_size") if is_file else None)
+                       input_size=identity.get("input_size") if is_file else None,
+                       channels=len(identity["mean"]) if is_file and isinstance(identity.get("mean"), list) else None)
     check_same_classifier(identity, model.info.identity(), where)
     return model
 
@@ -151,18 +159,28 @@ def _load_torchvision(spec: str) -> ModelWrapper:
             choices = [w.name for w in torchvision.models.get_model_weights(name)]
             raise UnknownNameError(f"weights for {name}", weights_name, choices) from exc
     try:
-        net = torchvision.models.get_model(name, weights=weights)
+        with seeded(0):  # without weights: the same random initialization every time (identity below)
+            net = torchvision.models.get_model(name, weights=weights)
     except (OSError, RuntimeError) as exc:
         raise AdvDetectError(f"could not get weights {weights_name} for {name}: {exc}") from exc
     categories = weights.meta.get("categories") if weights is not None else None
     num = net.fc.out_features if hasattr(net, "fc") and isinstance(net.fc, nn.Linear) else 1000
     classes = tuple(categories) if categories else tuple(f"class_{i}" for i in range(num))
     info = ModelInfo(f"torchvision:{name}" + (f":{weights_name}" if weights_name else ""), classes, (224, 224),
-                     IMAGENET_MEAN, IMAGENET_STD, weights_name)
+                     IMAGENET_MEAN, IMAGENET_STD, weights_name or f"random-init:{state_sha256(net)}")
     return ModelWrapper(net, info)
 
 
-def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
+def state_sha256(net: nn.Module) -> str:
+    """sha256 over a network's parameters and buffers (names, shapes and bytes), in order."""
+    digest = hashlib.sha256()
+    for key, value in net.state_dict().items():
+        digest.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _load_file(path: Path, mean, std, input_size, classes, channels) -> ModelWrapper:
     if not path.is_file():
         raise AdvDetectError(f"model file {path}: no such file")
     meta = _sidecar_metadata(path)
@@ -173,6 +191,7 @@ def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
     mean = mean if mean is not None else meta.get("mean")
     std = std if std is not None else meta.get("std")
     input_size = input_size if input_size is not None else meta.get("input_size")
+    channels = channels if channels is not None else meta.get("channels")
     if mean is None or std is None or input_size is None:
         raise AdvDetectError(
             f"{path}: pass --mean, --std and --input-size (or put them in {path}.json) so inputs in [0, 1] can be normalized"
@@ -185,15 +204,11 @@ def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
         size = size * 2
     if len(size) != 2 or min(size) < 1:
         raise AdvDetectError(f"{path}: input size must be H,W (or one number), got {input_size}")
-    channels = len(mean) if isinstance(mean, (list, tuple)) and len(mean) > 1 else 3
-    with torch.no_grad():
-        try:
-            out = net(torch.zeros(1, channels, *size))
-        except Exception as exc:  # noqa: BLE001 - any failure of foreign code is a user-facing error
-            hint = " (export it with a dynamic batch dimension)" if path.suffix == ".pt2" else ""
-            raise AdvDetectError(
-                f"{path}: model fails on a 1x{channels}x{size[0]}x{size[1]} input{hint}: {exc}".splitlines()[0]
-            ) from exc
+    if channels is None and isinstance(mean, (list, tuple)) and len(mean) > 1:
+        channels = len(mean)
+    if channels is not None and (isinstance(channels, bool) or channels not in (1, 3)):
+        raise AdvDetectError(f"{path}: channels must be 1 or 3, got {channels!r}")
+    out, channels = _probe(net, path, size, [channels] if channels else [3, 1])
     num = int(out.shape[-1])
     classes = tuple(classes or meta.get("classes") or (f"class_{i}" for i in range(num)))
     if len(classes) != num:
@@ -201,6 +216,33 @@ def _load_file(path: Path, mean, std, input_size, classes) -> ModelWrapper:
     info = ModelInfo(str(path.resolve()), classes, size, as_tuple(mean, channels, "mean"), as_tuple(std, channels, "std"),
                      sha256_file(path))
     return ModelWrapper(net, info)
+
+
+def _probe(net: nn.Module, path: Path, size: tuple[int, ...], channel_options: list[int]) -> tuple[torch.Tensor, int]:
+    """The model's output on one zero image, for the first channel count it accepts; checked to take
+    batches of other sizes too."""
+    failure, hint = "", " (export it with a dynamic batch dimension)" if path.suffix == ".pt2" else ""
+    for channels in channel_options:
+        try:
+            out = _forward(net, torch.zeros(1, channels, *size))
+        except Exception as exc:  # noqa: BLE001 - any failure of foreign code is a user-facing error
+            failure = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            continue
+        if out.dim() != 2 or out.shape[0] != 1:
+            raise AdvDetectError(f"{path}: model returns shape {tuple(out.shape)} for one image; expected 1 x classes")
+        try:
+            _forward(net, torch.zeros(3, channels, *size))
+        except Exception as exc:  # noqa: BLE001
+            raise AdvDetectError(f"{path}: model fails on a batch of 3 images{hint}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        return out, channels
+    tried = " or ".join(f"1x{c}x{size[0]}x{size[1]}" for c in channel_options)
+    raise AdvDetectError(f"{path}: model fails on a {tried} input{hint}: {failure}")
+
+
+def _forward(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return net(x)
 
 
 class ExportedNet(nn.Module):

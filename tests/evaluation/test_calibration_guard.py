@@ -5,21 +5,40 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advdetect.data import shared_images, subset_record
+from advdetect.data import CIFAR10_SIZES, select, shared_images
 from advdetect.detector import MaskDetector, save_detector
 from advdetect.errors import AdvDetectError
 from advdetect.evaluation.config import EvaluateConfig
 from advdetect.evaluation.guard import check_unseen, reserved_images
 from advdetect.masks import MaskConfig
-from advdetect.training import image_records
+from advdetect.sources import ImageSource, Selection
 
 N_EVAL, N_CAL, SEED = 200, 300, 0
 
 
+class Indexed(ImageSource):
+    """CIFAR-10 by index only (records never decode an image)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def subset_record(split: str, n: int, seed: int, offset: int = 0) -> dict:
+    """What train and evaluate record for ``n`` CIFAR-10 images of ``split`` (seeded, from ``offset``)."""
+    whole = Selection(Indexed(CIFAR10_SIZES[split]), list(range(CIFAR10_SIZES[split])),
+                      {"dataset": "cifar10", "split": split})
+    return select(whole, n, seed, offset).identify()
+
+
 def meta(with_records: bool = True) -> dict:
     m = {"calibrated_on": "test", "seed": SEED, "n_eval": N_EVAL}
-    if with_records:
-        m["images"] = image_records(1000, 1000, N_EVAL, N_CAL, "test", SEED)
+    if with_records:  # as train records them: 1000 training images fit, test images after the held-out calibrate
+        m["images"] = {"fit": subset_record("train", 1000, SEED),
+                       "calibration": subset_record("test", N_CAL, SEED + 1, offset=N_EVAL),
+                       "held_out": subset_record("test", N_EVAL, SEED + 1)}
     return m
 
 

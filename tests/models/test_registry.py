@@ -154,7 +154,7 @@ def test_detect_and_masks_find_a_model_file_from_another_directory(tmp_path, mon
 
 def _folder(tmp_path):
     root = tmp_path / "folder"
-    for cls in ("a", "b"):
+    for cls in ("class_0", "class_1"):  # named after two of the model's classes
         (root / cls).mkdir(parents=True)
         for i in range(2):
             Image.new("RGB", (16, 16), (i * 90, 40, 200)).save(root / cls / f"{i}.png")
