@@ -79,12 +79,15 @@ def test_evaluate_detect_and_recover_from_another_directory(workspace, trained, 
     monkeypatch.chdir(tmp_path)
     det, digits = str(workspace / "det"), str(workspace / "digits")
     report = run("evaluate", "--detector", det, "--data", digits, "--out", "rep", "--n", "60", "--attacks", "fgsm",
-                 "--eps", "8/255", "--baselines", "", "--no-adaptive", "--json")
+                 "--eps", "8/255", "--baselines", "grad_cam,occlusion,raw_image", "--no-adaptive", "--json")
     assert report.exit_code == 0, report.output
     r = json.loads(report.stdout.strip().splitlines()[-1])
     assert r["data"]["path"] == str(Path(digits).resolve()) and "fgsm@8/255" in r["attacks"]
     assert (tmp_path / "rep" / "report.html").is_file()
     assert set(r["images"]["ids"]) == set(trained["images"]["held_out"]["ids"])  # the held-out images, recorded
+    # baselines on 1-channel images; Grad-CAM can't see inside an exported program: left out, with a note
+    assert r["baselines"]["methods"] == ["masks", "occlusion", "raw_image"]
+    assert any("Grad-CAM left out" in note for note in r["baselines"]["notes"])
     # the detector's training images are refused
     again = run("evaluate", "--detector", det, "--out", "rep2", "--n", "61", "--attacks", "fgsm", "--eps", "8/255",
                 "--baselines", "", "--no-adaptive")

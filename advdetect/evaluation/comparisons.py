@@ -20,7 +20,7 @@ from ..masks import MaskConfig, make_explainer
 from ..recovery import PAPER_RECOVERY, recover
 from ..splits import Split
 from .config import EvaluateConfig
-from .heatmaps import HEATMAP_METHODS, heatmaps
+from .heatmaps import HEATMAP_METHODS, heatmaps, unavailable
 
 
 def fit_discriminator(fit_clean: torch.Tensor, fit_adv: torch.Tensor, seed: int) -> MaskDetector:
@@ -84,7 +84,8 @@ def baselines(wrapper, splits: list[Split], config: EvaluateConfig,
     limit = config.n_baseline
     half = limit // 2
     results: dict[str, dict[str, Any]] = {}
-    methods = ["masks", *config.baselines]
+    notes = [why for why in (unavailable(wrapper, m) for m in config.baselines) if why]
+    methods = ["masks", *(m for m in config.baselines if not unavailable(wrapper, m))]
     for method in methods:
         start = time.time()
         clean_maps = None
@@ -103,7 +104,6 @@ def baselines(wrapper, splits: list[Split], config: EvaluateConfig,
         scored = [(results[m][split.name]["roc_auc"], m) for m in methods
                   if not np.isnan(results[m][split.name]["roc_auc"])]
         winners[split.name] = max(scored)[1] if scored else None
-    notes = []
     if "guided_backprop" in config.baselines and not any(isinstance(m, torch.nn.ReLU) for m in wrapper.modules()):
         notes.append("the classifier has no nn.ReLU modules, so captum's guided backprop reduces to the plain "
                      "gradient (the same map as gradient saliency)")

@@ -27,6 +27,14 @@ LABELS = {"masks": "meaningful perturbation (ours)", "saliency": "gradient salie
           "integrated_gradients": "integrated gradients", "raw_image": "raw input image"}
 
 
+def unavailable(model: nn.Module, method: str) -> str | None:
+    """Why ``method`` can't run on ``model`` (None when it can)."""
+    if method == "grad_cam" and not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return ("Grad-CAM left out: the classifier shows no Conv2d layer (an exported program keeps its layers "
+                "out of reach)")
+    return None
+
+
 def last_conv(model: nn.Module) -> nn.Module:
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     if not convs:
@@ -51,7 +59,8 @@ def _attribute(model: ModelWrapper, method: str) -> Callable[[torch.Tensor, torc
         window = max(2, model.info.input_size[0] // 4)
         stride = max(1, window // 2)
         return lambda x, t: Occlusion(model).attribute(
-            x, target=t, sliding_window_shapes=(3, window, window), strides=(3, stride, stride), baselines=0.5,
+            x, target=t, sliding_window_shapes=(x.shape[1], window, window), strides=(x.shape[1], stride, stride),
+            baselines=0.5,
             perturbations_per_eval=16)
     if method == "integrated_gradients":
         return lambda x, t: IntegratedGradients(model).attribute(x, target=t, baselines=torch.zeros_like(x),
