@@ -6,7 +6,7 @@ For each input size and image count, runs the two commands as fresh processes on
 images of an ImageFolder (resized to the size) with a small random CNN exported to ``.pt2``, and
 reads each process's peak resident set size from the kernel (``os.wait4``). Streaming means
 the peak does not grow with the count. FGSM and one mask iteration keep it fast: memory does not
-depend on either. Prints one JSON line; ``--keep`` keeps the sets (they take 12 GB per 10,000
+depend on either. Prints one JSON line; ``--keep`` keeps the sets (they take 15 GB per 10,000
 images at 224 px).
 """
 
