@@ -237,7 +237,7 @@ def attack(model: str, attack: str, eps: str, alpha: str | None, steps: int | No
                          steps=steps, n=n, out=out, split=split, data=data, batch_size=batch_size, seed=seed,
                          device=device, progress=not as_json or sys.stderr.isatty())
     emit(summary.to_dict(), as_json, lambda r: (
-        "".join(f"note: skipped {s['image']}: {s['error']}\n" for s in r["skipped"]) +
+        "".join(f"note: skipped: {s['error']}\n" for s in r["skipped"]) +
         f"{r['attack']['name']} eps={r['attack']['eps']:.4f} on {r['model']['name']}, {r['n']} images -> {r['out']}\n"
         f"clean accuracy        {pct(r['clean_accuracy'])}\n"
         f"adversarial accuracy  {pct(r['adversarial_accuracy'])}\n"

@@ -187,7 +187,7 @@ class Selection:
                             persistent_workers=False)
         for i, batch in zip(shards, loader):
             for bad in batch.skipped:
-                log.warning("skipped %s: %s", bad["image"], bad["error"])
+                log.warning("skipped: %s", bad["error"])  # the message names the file
             yield i, batch
 
     def load(self) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, str]]]:

@@ -182,7 +182,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         held_out = load_split(directory, mask_config.kind, recovery_masks.kind)
         metrics[attack.name] = split_metrics(model, detector, held_out, recovery_masks, recovery)
         metrics[attack.name]["trained_on"] = attack in attacks
-        records.setdefault("held_out", held_out_images.identify(held_out.index.tolist()))
+        if "held_out" not in records:  # every attack set holds the same images
+            records["held_out"] = held_out_images.identify(held_out.index.tolist())
     report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],
                          n_train=n, n_eval=n_eval, threshold=detector.threshold_,
                          calibrated_on=calibrate_on, n_calibration=int(len(cal_clean)),
