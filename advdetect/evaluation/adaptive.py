@@ -36,14 +36,15 @@ log = logging.getLogger(__name__)
 
 
 class MaskSurrogate(nn.Module):
-    """Image (N x 3 x H x W in [0, 1]) -> mask (N x C x H x W in [0, 1]); a small encoder-decoder.
+    """Image (N x I x H x W in [0, 1]) -> mask (N x C x H x W in [0, 1]); a small encoder-decoder.
 
-    ``channels``: the masks' channel count (2 for ``game="both"``)."""
+    ``channels``: the masks' channel count (2 for ``game="both"``); ``image_channels``: the images'
+    (1 for a grayscale model)."""
 
-    def __init__(self, width: int = 24, channels: int = 1) -> None:
+    def __init__(self, width: int = 24, channels: int = 1, image_channels: int = 3) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.GELU(),
+            nn.Conv2d(image_channels, width, 3, padding=1), nn.GELU(),
             nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GELU(),
             nn.Conv2d(2 * width, 2 * width, 3, padding=2, dilation=2), nn.GELU(),
             nn.Conv2d(2 * width, 2 * width, 3, padding=4, dilation=4), nn.GELU(),
@@ -64,7 +65,7 @@ def train_surrogate(images: torch.Tensor, masks: torch.Tensor, epochs: int = 15,
 
     gen = torch.Generator().manual_seed(seed)
     with seeded(seed, device):  # the network's initialization; the caller's random state is kept
-        net = MaskSurrogate(channels=masks.shape[1]).to(device)
+        net = MaskSurrogate(channels=masks.shape[1], image_channels=images.shape[1]).to(device)
     perm = torch.randperm(len(images), generator=gen)
     n_val = max(1, len(images) // 10)
     val, fit = perm[:n_val], perm[n_val:]

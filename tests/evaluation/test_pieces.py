@@ -37,9 +37,10 @@ def test_heatmaps_follow_the_target(tiny_model, tiny_images):
     assert not torch.allclose(a, b)
 
 
-def test_surrogate_learns_a_mapping():
+@pytest.mark.parametrize("image_channels", [3, 1])  # RGB and grayscale classifiers
+def test_surrogate_learns_a_mapping(image_channels):
     gen = torch.Generator().manual_seed(0)
-    images = torch.rand(600, 3, 16, 16, generator=gen)
+    images = torch.rand(600, image_channels, 16, 16, generator=gen)
     masks = torch.nn.functional.avg_pool2d(images.mean(1, keepdim=True), 3, 1, 1)  # a learnable target
     net, stats = train_surrogate(images, masks, epochs=30, seed=0)
     constant = float((masks - masks.mean()).abs().mean())
