@@ -104,11 +104,10 @@ def generate_attack_set(
             bar.update(1)
     store.sync()
     tensors = store.load_all(["labels", "clean_pred", "adv_pred"])
-    if not len(tensors["labels"]):
-        raise AdvDetectError(f"none of the {len(data)} images could be read (first: "
-                             f"{store.extras('skipped')[:1]})")
-    metrics = summarize(tensors["labels"], tensors["clean_pred"], tensors["adv_pred"])
     skipped = store.extras("skipped")
+    if not len(tensors["labels"]):
+        raise AdvDetectError(f"none of the {len(data)} images could be read (first: {skipped[:1]})")
+    metrics = summarize(tensors["labels"], tensors["clean_pred"], tensors["adv_pred"])
     store.finish(metrics=metrics, classes=list(model.info.classes), skipped=skipped)
     return AttackSummary(n=int(len(tensors["labels"])), attack=config.to_dict(), model=model.info.identity(),
                          out=str(out), seconds=round(time.time() - start, 2), skipped=skipped, **metrics)

@@ -200,19 +200,18 @@ def open_split(spec: DataSpec, split: str | None, model_info: Any) -> Selection:
     image folder "all"; None: "all" for a single folder, else "test"."""
     if split is not None and split not in (*SPLITS, ALL):
         raise UnknownNameError("split", split, [*SPLITS, ALL])
-    if split is None:
-        single = spec.path is not None and not all((Path(spec.path).expanduser() / s).is_dir() for s in SPLITS)
-        split = ALL if single else "test"
-    size, channels = tuple(model_info.input_size), len(model_info.mean)
-    if split == ALL and (spec.path is None or all((Path(spec.path).expanduser() / s).is_dir() for s in SPLITS)):
-        raise OptionError("split 'all' is for a single image folder; this data has train and test splits")
-    if spec.path is None:
-        return _open_cifar10(spec, split, size, channels, model_info)
-    root = Path(spec.path).expanduser()
-    if not root.is_dir():
+    root = None if spec.path is None else Path(spec.path).expanduser()
+    if root is not None and not root.is_dir():
         raise DataNotFoundError(f"--data {spec.path}: no such directory; give an ImageFolder "
                                 "(<class>/<image> files, or train/ and test/ holding those)")
-    layout = "train-test" if (root / "train").is_dir() and (root / "test").is_dir() else "single"
+    layout = "single" if root is not None and not all((root / s).is_dir() for s in SPLITS) else "train-test"
+    if split is None:
+        split = ALL if layout == "single" else "test"
+    if split == ALL and layout != "single":
+        raise OptionError("split 'all' is for a single image folder; this data has train and test splits")
+    size, channels = tuple(model_info.input_size), len(model_info.mean)
+    if root is None:
+        return _open_cifar10(spec, split, size, channels, model_info)
     folder = root / split if layout == "train-test" else root
     files, labels, folder_classes = list_image_folder(folder)
     reference = list_image_folder(root / "train")[2] if layout == "train-test" else folder_classes
@@ -224,10 +223,10 @@ def open_split(spec: DataSpec, split: str | None, model_info: Any) -> Selection:
     source = FolderSource(root, files, model_labels, model_info.classes, size, channels)
     members = list(range(len(files)))
     if layout == "single" and split != ALL:
-        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-        n_test = max(1, int(round(TEST_FRACTION * len(files))))
         if len(files) < 2:
             raise AdvDetectError(f"{root} holds {len(files)} image; it cannot be split into train and test parts")
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+        n_test = max(1, int(round(TEST_FRACTION * len(files))))
         members = sorted(order[:n_test]) if split == "test" else sorted(order[n_test:])
     record = {"dataset": "folder", "root": str(root.resolve()), "layout": layout, "split": split}
     return Selection(source, members, record)
