@@ -83,18 +83,42 @@ def explain_file(image: str | os.PathLike, model: str | ModelWrapper = "cifar10-
                  target: str | int | None = None, out: str | os.PathLike | None = None,
                  device: str = "auto") -> dict[str, Any]:
     """The ``explain`` command: resolve the target by name or index, explain, report as a dict."""
-    from .errors import AdvDetectError
-
     wrapper = resolve_model(model, device)
-    index: int | None = None
-    if target is not None:
-        if str(target).isdigit() and int(target) < wrapper.info.num_classes:
-            index = int(target)
-        elif str(target) in wrapper.info.classes:
-            index = wrapper.info.classes.index(str(target))
-        else:
-            raise AdvDetectError(f"unknown class {target!r}; choose a name or index of: {', '.join(wrapper.info.classes[:20])}")
+    index = _target_index(wrapper, target)
     result = explain(image, wrapper, config=config, target=index, out=out).to_dict()
     result["image"] = str(image)
     result["figure"] = str(out) if out else None
     return result
+
+
+def explain_layer(image: str | os.PathLike, layer: str, model: str | ModelWrapper = "cifar10-cnn",
+                  area: float | None = None, target: str | int | None = None,
+                  device: str = "auto", top: int = 10) -> dict[str, Any]:
+    """The ``explain --layer`` command: which channels of ``layer`` must be kept to keep the class
+    (extremal perturbation of activations, :mod:`advdetect.masks.channels`), as a dict."""
+    from .imageio import load_image
+    from .masks.channels import ChannelConfig, ChannelExtremal
+
+    wrapper = resolve_model(model, device)
+    loaded = load_image(image, size=wrapper.info.input_size, channels=len(wrapper.info.mean))
+    x = loaded.as_float().unsqueeze(0).to(wrapper.device)
+    config = ChannelConfig() if area is None else ChannelConfig(area=area)
+    result = ChannelExtremal(wrapper, layer, config).attribute(x, target=_target_index(wrapper, target))
+    row = result.to_dict(wrapper.info.classes)
+    image_row = row.pop("images")[0]
+    shown = list(zip(image_row.pop("kept"), image_row.pop("weights")))
+    return {"image": str(image), **row, **image_row, "n_kept": len(shown),
+            "top_channels": [{"channel": c, "weight": w} for c, w in shown[:top]], "notes": loaded.notes}
+
+
+def _target_index(wrapper: ModelWrapper, target: str | int | None) -> int | None:
+    """A class given by name or index, checked against the model's classes."""
+    from .errors import AdvDetectError
+
+    if target is None:
+        return None
+    if str(target).isdigit() and int(target) < wrapper.info.num_classes:
+        return int(target)
+    if str(target) in wrapper.info.classes:
+        return wrapper.info.classes.index(str(target))
+    raise AdvDetectError(f"unknown class {target!r}; choose a name or index of: {', '.join(wrapper.info.classes[:20])}")
