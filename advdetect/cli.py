@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from .errors import AdvDetectError
+from .errors import AdvDetectError, OptionError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -321,13 +321,30 @@ def masks(in_dir: str, model: str | None, shard_size: int, device: str, seed: in
 @click.option("--model", default="cifar10-cnn", show_default=True, help="Model spec.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the figure here (.png, .pdf, .svg).")
 @click.option("--target", default=None, help="Class (name or index) to explain [default: the top prediction].")
+@click.option("--layer", default=None,
+              help="Explain a layer's channels instead of the pixels: which channels of this module (a name from "
+                   "the model's named_modules(), e.g. groups.2) must be kept to keep the class; --area sets the "
+                   "fraction kept [default 0.1].")
 @mask_options
 @model_file_options
 @common_options
-def explain(image: str, model: str, out: str | None, target: str | None, device: str, seed: int, as_json: bool,
-            **options: Any) -> None:
+def explain(image: str, model: str, out: str | None, target: str | None, layer: str | None, device: str, seed: int,
+            as_json: bool, **options: Any) -> None:
     """Explain one image: its mask, the perturbed image and the probabilities before and after."""
-    from .explanation import explain_file
+    from .explanation import explain_file, explain_layer
+
+    if layer is not None:
+        if out is not None:
+            raise OptionError("--out draws a pixel mask's figure; with --layer the kept channels are listed instead")
+        result = explain_layer(image, layer, model=model_arg(model, dict(options, device=device)),
+                               area=options.get("area"), target=target, device=device)
+        emit(result, as_json, lambda r: "\n".join(
+            [*(f"note: {n}" for n in r["notes"]),
+             f"{r['image']}: {r['target']} {pct(r['prob_before'])} -> {pct(r['prob_kept'])} keeping {r['n_kept']} of "
+             f"the {r['channels']} channels of {r['layer']} (the others zeroed)",
+             "channels kept, highest weight first: " + ", ".join(f"{c['channel']} ({c['weight']:.2f})"
+                                                                 for c in r["top_channels"])]))
+        return
 
     result = explain_file(image, model=model_arg(model, dict(options, device=device)),
                           config=mask_config(seed, **pop_mask_options(options)), target=target,
@@ -366,12 +383,17 @@ def explain(image: str, model: str, out: str | None, target: str | None, device:
 @click.option("--recovery", "recovery_method", default="blur", show_default=True,
               type=click.Choice(["blur", "mask"]),
               help="How the detector recovers labels: a light blur, or the image's deletion mask applied back.")
+@click.option("--inputs", default=None,
+              help="What the discriminator reads, comma-separated: masks, residual (what the blur removes from "
+                   "the image), confidence (target probability before and after the mask, iterations used) "
+                   "[default: masks].")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
-          fpr: float, recovery_method: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
+          fpr: float, recovery_method: str, inputs: str | None, device: str, seed: int, as_json: bool,
+          **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -382,7 +404,7 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        mask_config=mask_config(seed, **pop_mask_options(options)), data=data, seed=seed,
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
-                       n_calibration=n_calibration, fpr=fpr)
+                       n_calibration=n_calibration, fpr=fpr, inputs=inputs)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -400,6 +422,10 @@ def render_train(r: dict[str, Any]) -> str:
                      f"{pct(m['flagged_recovery_top5'])} (of all: {pct(m['recovery_top1'])} / {pct(m['recovery_top5'])}), "
                      f"harm {pct(m['harm'])}"
                      f" [{m['n_clean']} clean / {m['n_adversarial']} adversarial]")
+    per_class = next(iter(r["metrics"].values()), {}).get("fpr_per_class")  # the same clean images for every attack
+    if per_class:
+        lines.append("held-out clean images flagged per class: " +
+                     ", ".join(f"{name} {pct(rate)}" for name, rate in per_class.items()))
     return "\n".join(lines)
 
 

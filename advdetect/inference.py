@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .detector import MaskDetector, load_detector
+from .detector.inputs import maps_for_result
 from .errors import AdvDetectError
 from .imageio import load_image
 from .masks import MaskConfig, make_explainer
@@ -115,7 +116,7 @@ def iter_detections(paths: Sequence[str | os.PathLike], deployed: Deployment, ba
         if x is None:
             continue
         probs = wrapper.logits(x).softmax(1).cpu()
-        scores = detector.decision_function(explainer.attribute(x).masks.cpu())
+        scores = detector.decision_function(maps_for_result(detector.input_names(), x, explainer.attribute(x)).cpu())
         for i, path in enumerate(files):
             label = int(probs[i].argmax())
             yield {"image": str(path), "label": wrapper.info.classes[label], "label_index": label,
@@ -152,7 +153,7 @@ def iter_recoveries(paths: Sequence[str | os.PathLike], deployed: Deployment, fi
         if x is None:
             continue
         detection = detect_masks.attribute(x)
-        scores = detector.decision_function(detection.masks.cpu())
+        scores = detector.decision_function(maps_for_result(detector.input_names(), x, detection).cpu())
         flagged = torch.as_tensor(scores > detector.threshold_)
         shown = recovery_masks.attribute(x) if recovery_masks is not None else detection  # the mask applied back
         before = wrapper.logits(x).softmax(1).cpu()

@@ -14,6 +14,7 @@ train`` and ``advdetect evaluate``.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,12 +165,18 @@ def _pooled(masks: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def load_split(directory: str | os.PathLike, mask_kind: str, recovery_kind: str | None = None,
-               name: str = "", images: bool = True, pool: int | None = None) -> Split:
+               name: str = "", images: bool = True, pool: int | None = None,
+               inputs: Sequence[str] = ("masks",)) -> Split:
     """An attack set with its ``mask_kind`` masks and, if given, its ``recovery_kind`` masks: each read once.
 
     ``images=False`` leaves the images out (empty tensors) and reads only labels, predictions and
     masks; ``pool`` pools the detector's masks (see :func:`load_mask_set`): what fitting a detector needs.
+    ``inputs``: what the detector reads (:mod:`advdetect.detector.inputs`); ``masks_clean`` and
+    ``masks_adv`` hold those maps (at 32 x 32 when more than the masks), the residual computed a shard
+    of images at a time.
     """
+    from .detector.inputs import detector_maps
+
     reader = AttackSetReader(directory)
     fields = AttackSetReader.FIELDS if images else ("labels", "clean_pred", "adv_pred")
     t = reader.rows(0, reader.n, fields)
@@ -179,8 +186,29 @@ def load_split(directory: str | os.PathLike, mask_kind: str, recovery_kind: str 
     masks = load_mask_set(directory, mask_kind, ["clean_mask", "adv_mask"], pool=pool)
     recovery = masks if recovery_kind in (None, mask_kind) else \
         load_mask_set(directory, recovery_kind, ["clean_mask", "adv_mask"])
-    return replace(split, masks_clean=masks["clean_mask"], masks_adv=masks["adv_mask"],
+    maps = {side: masks[f"{side}_mask"] for side in ("clean", "adv")}
+    if tuple(inputs) != ("masks",):
+        extra = load_mask_set(directory, mask_kind, [f"{side}_{f}" for side in ("clean", "adv")
+                                                     for f in ("prob_before", "prob_after", "iterations")])
+        budget = int(ShardStore(masks_dir(directory, mask_kind)).manifest()["job"]["mask_config"]["iterations"])
+        residual = _residuals(reader) if "residual" in inputs else {}
+        maps = {side: detector_maps(inputs, maps[side], residual=residual.get(side),
+                                    prob_before=extra[f"{side}_prob_before"], prob_after=extra[f"{side}_prob_after"],
+                                    iterations=extra[f"{side}_iterations"], budget=budget) for side in maps}
+    return replace(split, masks_clean=maps["clean"], masks_adv=maps["adv"],
                    recovery_clean=recovery["clean_mask"], recovery_adv=recovery["adv_mask"])
+
+
+def _residuals(reader: AttackSetReader, chunk: int = 512) -> dict[str, torch.Tensor]:
+    """The residual planes of every clean and adversarial image, read ``chunk`` images at a time."""
+    from .detector.inputs import residual_map
+
+    parts: dict[str, list[torch.Tensor]] = {"clean": [], "adv": []}
+    for start in range(0, reader.n, chunk):
+        rows = reader.rows(start, min(start + chunk, reader.n), ("clean", "adv"))
+        for side in parts:
+            parts[side].append(residual_map(rows[side]))
+    return {side: torch.cat(v) for side, v in parts.items()}
 
 
 def split_metrics(model, detector, split: Split, recovery_masks_config, recovery,
@@ -195,6 +223,7 @@ def split_metrics(model, detector, split: Split, recovery_masks_config, recovery
     from sklearn.metrics import roc_curve
 
     from .detector import detection_metrics
+    from .detector.metrics import fpr_per_class
     from .recovery import recovery_metrics
 
     if clean_scores is None:
@@ -215,9 +244,13 @@ def split_metrics(model, detector, split: Split, recovery_masks_config, recovery
         keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), 200)).round().astype(int))
         roc = {"fpr": fpr[keep].round(5).tolist(), "tpr": tpr[keep].round(5).tolist()}
     undetected = success & (adv_scores <= threshold)
+    per_class = fpr_per_class(clean_scores[correct], split.labels.numpy()[correct], threshold,
+                              split.manifest.get("classes"))
     return {
         "params": split.manifest["job"]["attack"], **split.manifest["metrics"], **detection, **rec.to_dict(),
         "success_against_detector": float(undetected.sum() / max(correct.sum(), 1)),
+        "fpr_per_class": per_class,  # held-out clean images flagged, per class
+        "max_class_fpr": max(per_class.values()) if per_class else float("nan"),
         "roc": roc,
         "scores": {"clean": [float(v) for v in clean_scores[correct]],  # what roc_auc and the rates come from
                    "adversarial": [float(v) for v in adv_scores[success]]},

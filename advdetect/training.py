@@ -32,6 +32,7 @@ from .attacks import AttackConfig, parse_eps
 from .attackset import generate_attack_set
 from .data import DataSpec, open_split, select
 from .detector import MaskDetector, save_detector
+from .detector.inputs import parse_inputs
 from .detector.network import MASK_SIZE
 from .distributed import context
 from .errors import AdvDetectError, OptionError
@@ -103,7 +104,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    data: DataSpec | None = None, batch_size: int = 256, seed: int = 0,
                    progress: bool = True, shard_size: int = 512,
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
-                   n_calibration: int = 1000) -> TrainReport:
+                   n_calibration: int = 1000, work: str | os.PathLike | None = None) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -111,6 +112,9 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     from the ``n_eval`` evaluation images; ``"train"`` on the last ``calibration_fraction`` of the
     training images (which the classifier was trained on, so it is more confident on them and the
     held-out false-positive rate comes out higher).
+    ``work``: where the attack and mask sets live (default ``out/work``); another run's work folder
+    reuses its finished sets (same images, attacks and mask settings), e.g. to fit detectors that
+    leave one attack out.
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
@@ -127,7 +131,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                           f"--n-eval {n_eval} exceeds the {len(test_images)} test images of the data")
     start = time.time()
     out = Path(out)
-    work = out / "work"
+    work = Path(work) if work is not None else out / "work"
     mask_config = mask_config or MaskConfig()
     recovery = recovery or RecoveryConfig()
     detector = detector or MaskDetector(seed=seed, device=str(model.device))
@@ -144,8 +148,9 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     # (images the classifier never saw, like those it will be deployed on).
     n_fit = n if calibrate_on == "test" else int(round(n * (1 - calibration_fraction)))
     fit_adv, clean_split = [], None
+    inputs = detector.input_names()  # the masks, and any evidence planes beside them
     for directory in train_dirs:  # the detector reads masks at its own resolution: pooled as they are read
-        split = load_split(directory, mask_config.kind, images=False, pool=MASK_SIZE)
+        split = load_split(directory, mask_config.kind, images=False, pool=MASK_SIZE, inputs=inputs)
         clean_split = clean_split or split  # every attack set holds the same clean images
         fit_adv.append(split.masks_adv[split.successful & (split.index < n_fit)])
     fitting = clean_split.index < n_fit
@@ -156,7 +161,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         cal_images = select(test_images, n_calibration, seed + 1, offset=n_eval)
         cal_dir = prepare_split(model, attacks[0], cal_images, work / f"calibration-{attacks[0].name}", mask_config,
                                 batch_size, progress, shard_size=shard_size)
-        calibration = load_split(cal_dir, mask_config.kind, images=False, pool=MASK_SIZE)
+        calibration = load_split(cal_dir, mask_config.kind, images=False, pool=MASK_SIZE, inputs=inputs)
         cal_clean = calibration.masks_clean[calibration.correct]
         records["calibration"] = cal_images.identify(calibration.index.tolist())
     else:
@@ -179,7 +184,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                                   batch_size, progress, reuse_clean_from=first_test, shard_size=shard_size,
                                   recovery_masks=True)
         first_test = first_test or directory
-        held_out = load_split(directory, mask_config.kind, recovery_masks.kind)
+        held_out = load_split(directory, mask_config.kind, recovery_masks.kind, inputs=inputs)
         metrics[attack.name] = split_metrics(model, detector, held_out, recovery_masks, recovery)
         metrics[attack.name]["trained_on"] = attack in attacks
         if "held_out" not in records:  # every attack set holds the same images
@@ -215,8 +220,12 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
               mask_config: MaskConfig | dict[str, Any] | None = None, data: DataSpec | None = None, seed: int = 0,
               device: str = "auto", progress: bool = True, batch_size: int = 256,
               shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
-              n_calibration: int = 1000, fpr: float = 0.05) -> TrainReport:
+              n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
+              work: str | os.PathLike | None = None) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
+
+    ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
+    None: the default).
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
@@ -224,11 +233,13 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
     from .models import resolve_model
 
     attacks = parse_attacks(attack, eps)
+    inputs = ",".join(parse_inputs(inputs))
     transfer_attacks = parse_attacks(transfer, eps) if transfer else []
     wrapper = resolve_model(model, device)
     mask_config = resolve_mask_config(mask_config, wrapper.info.input_size)
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
                           transfer=transfer_attacks, data=data, seed=seed, progress=progress,
-                          detector=MaskDetector(seed=seed, device=str(wrapper.device), fpr=fpr), batch_size=batch_size,
+                          detector=MaskDetector(seed=seed, device=str(wrapper.device), fpr=fpr, inputs=inputs),
+                          batch_size=batch_size,
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
-                          n_calibration=n_calibration)
+                          n_calibration=n_calibration, work=work)

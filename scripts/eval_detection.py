@@ -10,7 +10,11 @@ FGSM and PGD (transfer), and prints one JSON object: ``accuracy``, ``roc_auc``,
 ``tpr_at_5fpr``, ``tpr_at_1fpr``, ``recovery_top1``, ``recovery_top5``,
 ``recovery_ground_truth``, ``harm``, ``mask_recovery_top1/5`` (the paper's recovery, for
 reference) (fractions) for the (first) training attack, the same under ``trained`` for the
-other training attacks (``--attack bim,fgsm``) and under ``transfer`` for each other attack.
+other training attacks (``--attack bim,fgsm``) and under ``transfer`` for each other attack;
+``attacks`` holds every attack's row, ``min_roc_auc`` / ``min_tpr_at_5fpr`` the worst over them,
+``fpr_per_class`` / ``max_class_fpr`` the held-out clean images flagged per class, and with
+``--leave-one-out`` ``leave_one_out`` (per training attack X: a detector fitted on the others,
+tested on X) and ``min_leave_one_out_roc_auc``.
 """
 
 from __future__ import annotations
@@ -52,24 +56,44 @@ def main() -> None:
     p.add_argument("--calibrate-on", default="test", choices=["test", "train"],
                    help="clean images that set the threshold (test: beside the held-out ones)")
     p.add_argument("--n-calibration", type=int, default=1000)
+    p.add_argument("--inputs", default=None, help="what the discriminator reads, e.g. masks,residual,confidence")
     p.add_argument("--fpr", type=float, default=0.05, help="false-positive rate the threshold is calibrated to")
+    p.add_argument("--leave-one-out", action="store_true",
+                   help="also fit, for each training attack X, a detector on the others and test it on X "
+                        "(reuses this run's attack and mask sets)")
     args = p.parse_args()
-    report = run_train(model=args.model, attack=args.attack, eps=args.eps, n=args.n, n_eval=args.n_eval,
-                       out=args.out, transfer=args.transfer or None, seed=args.seed,
-                       data=DataSpec(path=args.data, data_dir=args.data_dir),
-                       device=args.device, progress=sys.stderr.isatty(),
-                       mask_config={"game": args.game, "seed": args.seed},  # on the settings for the input size
-                       recovery=RecoveryConfig(method=args.recovery), calibrate_on=args.calibrate_on,
-                       n_calibration=args.n_calibration, fpr=args.fpr).to_dict()
+    settings = dict(model=args.model, eps=args.eps, n=args.n, n_eval=args.n_eval, seed=args.seed,
+                    data=DataSpec(path=args.data, data_dir=args.data_dir), device=args.device,
+                    progress=sys.stderr.isatty(),
+                    mask_config={"game": args.game, "seed": args.seed},  # on the settings for the input size
+                    recovery=RecoveryConfig(method=args.recovery), calibrate_on=args.calibrate_on,
+                    n_calibration=args.n_calibration, fpr=args.fpr, inputs=args.inputs)
+    report = run_train(attack=args.attack, out=args.out, transfer=args.transfer or None, **settings).to_dict()
+    metrics = report["metrics"]
     main_attack = args.attack.split(",")[0]
-    result = {k: report["metrics"][main_attack][k] for k in KEYS}
-    result["transfer"] = {name: {k: m[k] for k in KEYS} for name, m in report["metrics"].items()
-                          if not m["trained_on"]}
-    result["trained"] = {name: {k: m[k] for k in KEYS} for name, m in report["metrics"].items()
+    result = {k: metrics[main_attack][k] for k in KEYS}
+    result["attacks"] = {name: {**{k: m[k] for k in KEYS}, "trained_on": m["trained_on"],
+                                "max_class_fpr": m["max_class_fpr"]} for name, m in metrics.items()}
+    result["transfer"] = {name: {k: m[k] for k in KEYS} for name, m in metrics.items() if not m["trained_on"]}
+    result["trained"] = {name: {k: m[k] for k in KEYS} for name, m in metrics.items()
                          if m["trained_on"] and name != main_attack}
-    result.update(game=args.game, recovery=args.recovery, attack=main_attack, eps=args.eps, n_train=args.n,
-                  n_eval=args.n_eval, threshold=report["threshold"], calibrated_on=report["calibrated_on"],
-                  n_calibration=report["n_calibration"], calibration_fpr=report["calibration_fpr"], seconds=report["seconds"], out=args.out)
+    result["min_roc_auc"] = min(m["roc_auc"] for m in metrics.values())
+    result["min_tpr_at_5fpr"] = min(m["tpr_at_5fpr"] for m in metrics.values())
+    result["fpr_per_class"] = metrics[main_attack]["fpr_per_class"]  # every attack set holds the same clean images
+    result["max_class_fpr"] = metrics[main_attack]["max_class_fpr"]
+    trained = [a.strip() for a in args.attack.split(",") if a.strip()]
+    if args.leave_one_out and len(trained) > 1:
+        result["leave_one_out"] = {}
+        for left_out in trained:
+            others = ",".join(a for a in trained if a != left_out)
+            loao = run_train(attack=others, transfer=left_out, out=Path(args.out) / f"leave-out-{left_out}",
+                             work=Path(args.out) / "work", **settings).to_dict()["metrics"][left_out]
+            result["leave_one_out"][left_out] = {k: loao[k] for k in ("roc_auc", "tpr_at_5fpr", "tpr_at_1fpr")}
+        result["min_leave_one_out_roc_auc"] = min(v["roc_auc"] for v in result["leave_one_out"].values())
+    result.update(game=args.game, inputs=args.inputs, recovery=args.recovery, attack=main_attack, eps=args.eps,
+                  n_train=args.n, n_eval=args.n_eval, threshold=report["threshold"],
+                  calibrated_on=report["calibrated_on"], n_calibration=report["n_calibration"],
+                  calibration_fpr=report["calibration_fpr"], seconds=report["seconds"], out=args.out)
     print(json.dumps(result))
 
 

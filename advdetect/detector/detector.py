@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import OptionError
+from .inputs import channels_fit
 from .metrics import threshold_for_fpr
 from .network import MaskAlexNet
 
@@ -27,12 +28,14 @@ class MaskDetector:
     """Clean-vs-adversarial classifier over mask heatmaps (N x 1 x H x W in [0, 1]).
 
     Any N x C x H x W maps work (the evaluation's baselines use saliency maps and raw images);
-    the channel count is fixed by ``fit``.
+    the channel count is fixed by ``fit``. ``inputs`` names what the maps hold - the masks and any
+    evidence planes beside them (:mod:`advdetect.detector.inputs`, e.g. ``"masks,residual,confidence"``)
+    - so that whoever deploys the detector builds the same maps.
     """
 
     def __init__(self, epochs: int = 40, lr: float = 1e-3, weight_decay: float = 1e-4, batch_size: int = 128,
                  val_fraction: float = 0.2, patience: int = 6, fpr: float = 0.05, augment: bool = True,
-                 dropout: float = 0.5, seed: int = 0, device: str = "cpu") -> None:
+                 dropout: float = 0.5, seed: int = 0, device: str = "cpu", inputs: str = "masks") -> None:
         self.epochs = epochs
         self.lr = lr
         self.weight_decay = weight_decay
@@ -44,6 +47,7 @@ class MaskDetector:
         self.dropout = dropout
         self.seed = seed
         self.device = device
+        self.inputs = inputs
 
     # -- scikit-learn protocol ------------------------------------------------------------
     def get_params(self, deep: bool = True) -> dict[str, Any]:
@@ -65,6 +69,13 @@ class MaskDetector:
             raise OptionError(f"fpr must lie in [0, 1), got {self.fpr}")
         if self.epochs < 1 or self.batch_size < 1:
             raise OptionError("epochs and batch_size must be at least 1")
+        self.input_names()
+
+    def input_names(self) -> tuple[str, ...]:
+        """What the maps this detector reads hold (``inputs`` parsed; see :mod:`.inputs`)."""
+        from .inputs import parse_inputs
+
+        return parse_inputs(self.inputs)
 
     def fit(self, X: torch.Tensor, y: torch.Tensor | np.ndarray) -> MaskDetector:
         """Train on masks ``X`` with labels ``y`` (0 clean, 1 adversarial); returns self.
@@ -83,6 +94,9 @@ class MaskDetector:
         X, y = _as_masks(X), torch.as_tensor(np.asarray(y), dtype=torch.float32)
         if X.shape[0] != y.shape[0]:
             raise ValueError(f"X has {X.shape[0]} masks but y has {y.shape[0]} labels")
+        if not channels_fit(self.input_names(), X.shape[1]):
+            raise ValueError(f"maps of {X.shape[1]} channels cannot hold the inputs {self.inputs!r} "
+                             "(see advdetect.detector.inputs.detector_maps)")
         if set(y.unique().tolist()) != {0.0, 1.0}:
             raise ValueError("y must hold both classes, 0 (clean) and 1 (adversarial)")
         gen = torch.Generator().manual_seed(self.seed)

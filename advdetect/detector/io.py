@@ -19,6 +19,7 @@ from ..errors import AdvDetectError
 from ..masks import MaskConfig
 from ..storage import load_tensors, read_json, save_tensors, write_json
 from .detector import MaskDetector
+from .inputs import channels_fit
 from .network import MaskAlexNet
 
 FORMAT = "advdetect.detector/1"
@@ -81,6 +82,9 @@ def load_detector(directory: str | os.PathLike, classifier: dict[str, Any] | Non
     first = state.get("features.0.weight")
     net = MaskAlexNet(in_channels=int(first.shape[1]) if first is not None and first.dim() == 4 else 1,
                       dropout=detector.dropout)
+    if not channels_fit(detector.input_names(), net.features[0].in_channels):
+        raise AdvDetectError(f"{directory / meta['weights']}: the discriminator takes {net.features[0].in_channels} "
+                             f"channels, which its inputs ({detector.inputs}) cannot make; the file is damaged")
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

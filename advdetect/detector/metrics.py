@@ -30,6 +30,18 @@ def threshold_for_fpr(clean_scores: np.ndarray, fpr: float) -> float:
     return float(s[len(s) - 1 - k]) if k < len(s) else float(s[0])
 
 
+def fpr_per_class(scores: np.ndarray, classes: np.ndarray, threshold: float,
+                  names: tuple[str, ...] | list[str] | None = None) -> dict[str, float]:
+    """Share of clean images flagged, per (predicted) class: false positives that pile up on one class
+    hurt that class's users even when the overall rate is on target."""
+    scores, classes = np.asarray(scores, dtype=np.float64), np.asarray(classes).astype(int)
+    out = {}
+    for c in sorted(set(classes.tolist())):
+        name = names[c] if names is not None and 0 <= c < len(names) else str(c)
+        out[name] = float((scores[classes == c] > threshold).mean())
+    return out
+
+
 def detection_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 

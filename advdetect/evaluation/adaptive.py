@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..detector import MaskDetector
+from ..detector.inputs import maps_for_result
 from ..device import seeded
 from ..errors import AdvDetectError, OptionError
 from ..masks import MaskConfig, make_explainer
@@ -38,8 +39,8 @@ log = logging.getLogger(__name__)
 class MaskSurrogate(nn.Module):
     """Image (N x I x H x W in [0, 1]) -> mask (N x C x H x W in [0, 1]); a small encoder-decoder.
 
-    ``channels``: the masks' channel count (2 for ``game="both"``); ``image_channels``: the images'
-    (1 for a grayscale model)."""
+    ``channels``: the channel count of the maps the detector reads (2 masks for ``game="both"``, and
+    any evidence planes beside them); ``image_channels``: the images' (1 for a grayscale model)."""
 
     def __init__(self, width: int = 24, channels: int = 1, image_channels: int = 3) -> None:
         super().__init__()
@@ -234,7 +235,8 @@ def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskD
     for x in candidates:
         logits = model.logits(x)
         margin = _margin(logits, y).cpu()
-        real = torch.as_tensor(detector.decision_function(explainer.attribute(x).masks.cpu())).float()
+        maps = maps_for_result(detector.input_names(), x, explainer.attribute(x)).cpu()
+        real = torch.as_tensor(detector.decision_function(maps)).float()
         with torch.no_grad():
             sur_scores.append(torch.as_tensor(detector.decision_function(surrogate(x).cpu())).float())
         fooled, passes = margin < 0, real <= detector.threshold_

@@ -103,14 +103,14 @@ def figures(report: dict[str, Any], pictures: list[dict[str, torch.Tensor]], cla
         fig, axes = _subplots((6, 1.6 * len(pictures)), len(pictures), 4, squeeze=False)
         for row, (pic, meta) in enumerate(zip(pictures, report["gallery"])):
             for col, (key, title) in enumerate((("clean", f"clean: {classes[meta['clean_pred']]}"),
-                                                ("clean_mask", f"mask, score {meta['clean_score']:+.2f}"),
+                                                ("clean_mask", f"deletion mask, score {meta['clean_score']:+.2f}"),
                                                 ("adv", f"adv: {classes[meta['adv_pred']]}"),
-                                                ("adv_mask", f"mask, score {meta['adv_score']:+.2f}"))):
+                                                ("adv_mask", f"deletion mask, score {meta['adv_score']:+.2f}"))):
                 img = pic[key].detach().cpu().float()
                 ax = axes[row][col]
                 if key in ("clean", "adv"):  # an image (RGB or grayscale)
                     ax.imshow(image_hwc(img))
-                else:  # a mask; two channels (game "both"): the deletion one
+                else:  # a deletion mask
                     ax.imshow(img[-1].numpy(), cmap="magma", vmin=0, vmax=1)
                 ax.set_title(title, fontsize=7)
                 ax.axis("off")

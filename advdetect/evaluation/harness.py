@@ -40,6 +40,7 @@ from ..inference import load_deployment
 from ..maskset import compute_mask_set
 from ..masks import MaskConfig
 from ..recovery import RecoveryConfig
+from ..detector.metrics import fpr_per_class
 from ..splits import load_split, split_metrics
 from .adaptive import run_adaptive
 from .comparisons import baselines as compare_baselines
@@ -132,7 +133,8 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
             directories: dict[str, tuple[Spec, Path]], timer: Timer, start_all: float,
             progress: bool, data: DataSpec, record: dict[str, Any]) -> dict[str, Any]:
     """Everything after the shared attack and mask stages, in one process: metrics, comparisons, report files."""
-    splits = {key: load_split(directory, mask_config.kind, recovery_masks_config.kind, name=key)
+    splits = {key: load_split(directory, mask_config.kind, recovery_masks_config.kind, name=key,
+                              inputs=detector.input_names())
               for key, (_, directory) in directories.items()}
 
     with timer.stage("detector_metrics"):
@@ -142,7 +144,10 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
         clean_section = {"n": int(len(any_split.labels)), "accuracy": float(correct.mean()),
                          "detector_fpr": float((clean_scores[correct] > detector.threshold_).mean()),
                          "threshold": detector.threshold_, "calibration_fpr": detector.calibration_fpr_,
-                         "calibrated_on": meta.get("calibrated_on", "train")}
+                         "calibrated_on": meta.get("calibrated_on", "train"),
+                         "per_class": [{"class": name, "fpr": rate} for name, rate in fpr_per_class(
+                             clean_scores[correct], any_split.labels.numpy()[correct], detector.threshold_,
+                             wrapper.info.classes).items()]}
         per_attack = {key: {"attack": spec.attack, "eps": spec.eps,
                             **split_metrics(wrapper, detector, splits[key], recovery_masks_config, recovery,
                                             clean_scores)}

@@ -159,6 +159,11 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                                      Cell("clean|threshold", dec)])],
                       note=f"calibrated on {CALIBRATION_SOURCE.get(clean.get('calibrated_on', 'train'), '?')} to "
                            f"{pct(clean['calibration_fpr'])} FPR"), None))
+    if clean.get("per_class"):
+        out.append((Table("Clean images flagged, per class", ["class", "false-positive rate"],
+                          [(row["class"], [Cell(f"clean|per_class|{i}|fpr")]) for i, row in enumerate(clean["per_class"])],
+                          note="Held-out clean images the detector flags, by their class: the calibrated rate is an "
+                               "average, and one class may carry more of it."), None))
     out.append((Table("Attacks", ["attack", *(title for _, title, _ in ATTACK_COLUMNS)],
                       [(key, [Cell(f"attacks|{key}|{name}", fmt) for name, _, fmt in ATTACK_COLUMNS])
                        for key in report["attacks"]], note=_recovery_note(report)), "roc"))
@@ -259,7 +264,7 @@ def write_reports(out: str | Path, report: dict[str, Any], pictures: list[dict[s
 
 def gallery_rows(split: Split, detector: MaskDetector,
              count: int) -> tuple[list[dict[str, Any]], list[dict[str, torch.Tensor]]]:
-    """Rows for the report and the pictures behind them (clean, its mask, adversarial, its mask)."""
+    """Rows for the report and the pictures behind them (clean, its deletion mask, adversarial, its deletion mask)."""
     chosen = split.successful.nonzero().flatten()[:count].tolist()
     if not chosen:
         return [], []
@@ -268,6 +273,6 @@ def gallery_rows(split: Split, detector: MaskDetector,
     rows = [{"index": i, "label": int(split.labels[i]), "clean_pred": int(split.clean_pred[i]),
              "adv_pred": int(split.adv_pred[i]), "clean_score": float(clean_score), "adv_score": float(adv_score),
              "attack": split.name} for i, clean_score, adv_score in zip(chosen, clean_scores, adv_scores)]
-    pictures = [{"clean": split.clean[i], "clean_mask": split.masks_clean[i], "adv": split.adv[i],
-                 "adv_mask": split.masks_adv[i]} for i in chosen]
+    pictures = [{"clean": split.clean[i], "clean_mask": split.recovery_clean[i], "adv": split.adv[i],
+                 "adv_mask": split.recovery_adv[i]} for i in chosen]  # the deletion masks, whatever the detector reads
     return rows, pictures
