@@ -211,3 +211,26 @@ def test_two_channel_detector_end_to_end(tmp_path):
                     str(tmp_path / "fig.png"), "--json")
     assert recovered.exit_code == 0, recovered.output
     assert (tmp_path / "fig.png").stat().st_size > 1000
+
+
+def test_detector_with_evidence_planes_end_to_end(tmp_path):
+    """train --inputs: the detector records its inputs; detect builds the same maps it was fitted on."""
+    from advdetect.detector import load_detector
+
+    out = tmp_path / "det"
+    result = run("train", "--attack", "fgsm", "--n", "40", "--n-eval", "20", "--n-calibration", "20", "--out",
+                 str(out), "--data-dir", str(SHARED_DATA), "--inputs", "confidence,masks,residual", "--json",
+                 "--iterations", "20")
+    assert result.exit_code == 0, result.output
+    report = last_json(result)
+    assert set(report["metrics"]["fgsm"]["fpr_per_class"]) <= set(load_attack_set(out / "work" / "test-fgsm")
+                                                                   .manifest["classes"])
+    detector, _ = load_detector(out)
+    assert detector.input_names() == ("masks", "residual", "confidence")
+    held_out = load_split(out / "work" / "test-fgsm", "delete", inputs=detector.input_names())
+    save_image(held_out.adv[0], tmp_path / "adv.png")
+    row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
+    stored = float(detector.decision_function(held_out.masks_adv[:1])[0])
+    assert row["score"] == pytest.approx(stored, abs=0.05)  # the PNG rounds pixels to 1/255; nothing else differs
+    bad = run("train", "--inputs", "masks,colour", "--out", str(tmp_path / "x"), "--data-dir", str(SHARED_DATA))
+    assert bad.exit_code == 2 and "colour" in bad.output and not (tmp_path / "x").exists()
