@@ -386,7 +386,7 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
 @click.option("--inputs", default=None,
               help="What the discriminator reads, comma-separated: masks, residual (what the blur removes from "
                    "the image), confidence (target probability before and after the mask, iterations used) "
-                   "[default: masks].")
+                   "[default: all three].")
 @mask_options
 @model_file_options
 @common_options

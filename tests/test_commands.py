@@ -68,7 +68,7 @@ def test_threshold_is_calibrated_on_unseen_test_images(detector_dir):
     from advdetect.detector import load_detector
 
     detector, meta = load_detector(out)
-    calibration = load_split(out / "work" / "calibration-bim", "delete")
+    calibration = load_split(out / "work" / "calibration-bim", "delete", inputs=detector.input_names())
     cal_masks = calibration.masks_clean[calibration.correct]
     assert len(cal_masks) == report["n_calibration"]
     assert (detector.decision_function(cal_masks) > detector.threshold_).mean() <= 0.05
@@ -187,7 +187,7 @@ def test_two_channel_detector_end_to_end(tmp_path):
     """--game both: the detector reads [preservation, deletion] masks; detect and recover take the same path."""
     out = tmp_path / "det"
     result = run("train", "--n", "24", "--n-eval", "16", "--n-calibration", "12", "--game", "both", "--out",
-                 str(out), "--data-dir", str(SHARED_DATA), "--json", *FAST_MASKS)
+                 str(out), "--data-dir", str(SHARED_DATA), "--json", "--inputs", "masks", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
     assert meta["mask_config"]["game"] == "both" and meta["recovery_config"]["game"] == "delete"

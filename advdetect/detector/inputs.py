@@ -28,13 +28,13 @@ from ..errors import OptionError
 from .network import MASK_SIZE
 
 INPUTS = ("masks", "residual", "confidence")
-DEFAULT_INPUTS = ("masks",)
+DEFAULT_INPUTS = INPUTS  # what `advdetect train` fits on unless told (MaskDetector itself defaults to masks)
 RESIDUAL_SIGMA = 1.0
 RESIDUAL_SCALE = 10.0
 
 
 def parse_inputs(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """``"masks,residual"`` (or a sequence) -> a checked tuple in :data:`INPUTS` order; None: the default."""
+    """``"masks,residual"`` (or a sequence) -> a checked tuple in :data:`INPUTS` order; None: train's default."""
     if spec is None:
         return DEFAULT_INPUTS
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]

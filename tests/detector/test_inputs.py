@@ -15,7 +15,7 @@ from ..conftest import make_tiny_model
 
 
 def test_parse_inputs_orders_and_rejects():
-    assert parse_inputs(None) == ("masks",)
+    assert parse_inputs(None) == INPUTS
     assert parse_inputs("confidence, masks") == ("masks", "confidence")
     assert parse_inputs(["residual"]) == ("residual",)
     for bad in ("masks,colour", "", " , "):
