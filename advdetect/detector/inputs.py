@@ -5,12 +5,14 @@ Two kinds of evidence that the mask method itself produces or uses can be stacke
 
 * ``"residual"``: what the perturbation operator removes - the image minus its light Gaussian blur
   (sigma :data:`RESIDUAL_SIGMA` px), its absolute value averaged over colour channels, pooled to
-  32 x 32, scaled by :data:`RESIDUAL_SCALE` and capped at 1 (every plane lies in [0, 1], as masks do). One-step attacks (FGSM) leave the classifier's
-  evidence looking normal but add a full-budget sign pattern to every pixel, which this plane shows.
+  32 x 32, scaled by :data:`RESIDUAL_SCALE` and capped at 1 (every plane lies in [0, 1], as masks
+  do). One-step attacks (FGSM) leave the classifier's evidence looking normal but add a
+  full-budget sign pattern to every pixel, which this plane shows.
 * ``"confidence"``: how hard the class is to delete - three constant planes holding the target
   probability before the mask, after it (no noise, no jitter), and the share of the iteration budget
-  the optimisation used. Minimal-perturbation attacks (CW, DeepFool) stop just past the decision
-  boundary, so their class is barely held and deleted with almost nothing.
+  the optimisation used. Minimal-perturbation attacks such as DeepFool stop just past the decision
+  boundary, so their class is barely held (torchattacks' CW with its defaults overshoots and is
+  not caught this way; README, "What the discriminator reads").
 
 The same function builds the maps at fitting time (from the stored sets) and at deployment (from
 the images and the mask result), so both see identical inputs; ``detector.json`` records which
@@ -73,8 +75,9 @@ def confidence_planes(prob_before: torch.Tensor, prob_after: torch.Tensor, itera
 
 
 def detector_maps(inputs: Sequence[str], masks: torch.Tensor, *, images: torch.Tensor | None = None,
-                  residual: torch.Tensor | None = None, prob_before: torch.Tensor | None = None, prob_after: torch.Tensor | None = None,
-                  iterations: torch.Tensor | None = None, budget: int = 1) -> torch.Tensor:
+                  residual: torch.Tensor | None = None, prob_before: torch.Tensor | None = None,
+                  prob_after: torch.Tensor | None = None, iterations: torch.Tensor | None = None,
+                  budget: int = 1) -> torch.Tensor:
     """The detector's input for these masks (N x K x H x W) and, as ``inputs`` need them, the images and
     the mask optimisation's probabilities and iterations; on the masks' device, differentiable.
     ``residual``: the images' :func:`residual_map`, when already computed (then ``images`` is not needed)."""

@@ -161,7 +161,8 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                            f"{pct(clean['calibration_fpr'])} FPR"), None))
     if clean.get("per_class"):
         out.append((Table("Clean images flagged, per class", ["class", "false-positive rate"],
-                          [(row["class"], [Cell(f"clean|per_class|{i}|fpr")]) for i, row in enumerate(clean["per_class"])],
+                          [(row["class"], [Cell(f"clean|per_class|{i}|fpr")])
+                           for i, row in enumerate(clean["per_class"])],
                           note="Held-out clean images the detector flags, by their class: the calibrated rate is an "
                                "average, and one class may carry more of it."), None))
     out.append((Table("Attacks", ["attack", *(title for _, title, _ in ATTACK_COLUMNS)],

@@ -12,8 +12,9 @@ constraint), and lambda grows geometrically from ``area_coeff`` to ``100 * area_
 TorchRay. Images are optimised together but independently: each image has its own mask, its loss
 depends on it alone, and Adam is elementwise, so an image's mask is the one optimising it alone
 would give (to float rounding: the ranking is taken on a grid, equal weights by channel index, so
-that rounding noise does not reorder them; see ``_ranking``). The result keeps the top ``area * C`` channels; ``prob_kept`` is the target probability
-with those channels alone (the others zeroed).
+that rounding noise does not reorder them; see ``_ranking``). The result keeps the top
+``area * C`` channels; ``prob_kept`` is the target probability with those channels alone (the
+others zeroed).
 """
 
 from __future__ import annotations
@@ -108,13 +109,13 @@ class ChannelExtremal:
         theta = self._start(x, targets, channels).requires_grad_(True)
         opt = torch.optim.Adam([theta], lr=cfg.lr)
         growth = math.log(100) / max(cfg.iterations - 1, 1)
-        tie_break = torch.arange(channels, device=x.device, dtype=torch.float64)
+        index = torch.arange(channels, device=x.device, dtype=torch.float64)
         with frozen(model):
             for step in range(cfg.iterations):
                 weights = torch.sigmoid(theta)
                 with self._scaled(weights):
                     log_p = model(x).log_softmax(1).gather(1, targets[:, None]).squeeze(1)
-                order = _ranking(weights.detach(), tie_break)
+                order = _ranking(weights.detach(), index)
                 area = ((weights.gather(1, order) - reference) ** 2).mean(1)
                 loss = (-log_p + cfg.area_coeff * math.exp(growth * step) * area).sum()
                 opt.zero_grad()
