@@ -172,10 +172,10 @@ def load_split(directory: str | os.PathLike, mask_kind: str, recovery_kind: str 
     ``images=False`` leaves the images out (empty tensors) and reads only labels, predictions and
     masks; ``pool`` pools the detector's masks (see :func:`load_mask_set`): what fitting a detector needs.
     ``inputs``: what the detector reads (:mod:`advdetect.detector.inputs`); ``masks_clean`` and
-    ``masks_adv`` hold those maps (at 32 x 32 when more than the masks), the residual computed a shard
-    of images at a time.
+    ``masks_adv`` hold those maps (at 32 x 32 when more than the masks), the residual computed from the
+    loaded images, or a shard of images at a time when ``images=False``.
     """
-    from .detector.inputs import detector_maps
+    from .detector.inputs import detector_maps, residual_map
 
     reader = AttackSetReader(directory)
     fields = AttackSetReader.FIELDS if images else ("labels", "clean_pred", "adv_pred")
@@ -191,7 +191,8 @@ def load_split(directory: str | os.PathLike, mask_kind: str, recovery_kind: str 
         extra = load_mask_set(directory, mask_kind, [f"{side}_{f}" for side in ("clean", "adv")
                                                      for f in ("prob_before", "prob_after", "iterations")])
         budget = int(ShardStore(masks_dir(directory, mask_kind)).manifest()["job"]["mask_config"]["iterations"])
-        residual = _residuals(reader) if "residual" in inputs else {}
+        residual = {} if "residual" not in inputs else \
+            {"clean": residual_map(split.clean), "adv": residual_map(split.adv)} if images else _residuals(reader)
         maps = {side: detector_maps(inputs, maps[side], residual=residual.get(side),
                                     prob_before=extra[f"{side}_prob_before"], prob_after=extra[f"{side}_prob_after"],
                                     iterations=extra[f"{side}_iterations"], budget=budget) for side in maps}

@@ -70,7 +70,8 @@ def main() -> None:
                     n_calibration=args.n_calibration, fpr=args.fpr, inputs=args.inputs)
     report = run_train(attack=args.attack, out=args.out, transfer=args.transfer or None, **settings).to_dict()
     metrics = report["metrics"]
-    main_attack = args.attack.split(",")[0]
+    trained = [a.strip() for a in args.attack.split(",") if a.strip()]
+    main_attack = trained[0]
     result = {k: metrics[main_attack][k] for k in KEYS}
     result["attacks"] = {name: {**{k: m[k] for k in KEYS}, "trained_on": m["trained_on"],
                                 "max_class_fpr": m["max_class_fpr"]} for name, m in metrics.items()}
@@ -81,7 +82,6 @@ def main() -> None:
     result["min_tpr_at_5fpr"] = min(m["tpr_at_5fpr"] for m in metrics.values())
     result["fpr_per_class"] = metrics[main_attack]["fpr_per_class"]  # every attack set holds the same clean images
     result["max_class_fpr"] = metrics[main_attack]["max_class_fpr"]
-    trained = [a.strip() for a in args.attack.split(",") if a.strip()]
     if args.leave_one_out and len(trained) > 1:
         result["leave_one_out"] = {}
         for left_out in trained:

@@ -76,6 +76,8 @@ def test_fitting_and_deployment_build_the_same_maps(tmp_path):
     assert split.masks_clean.shape == (6, 5, 32, 32) and split.recovery_clean.shape[1] == 1
     fresh = maps_for_result(INPUTS, split.adv, make_explainer(model, config).attribute(split.adv))
     assert torch.allclose(fresh, split.masks_adv, atol=1e-5)
+    streamed = load_split(tmp_path / "set", "delete", inputs=INPUTS, images=False, pool=32)  # what fitting reads
+    assert torch.allclose(streamed.masks_adv, split.masks_adv) and torch.allclose(streamed.masks_clean, split.masks_clean)
 
 
 def test_saved_detector_keeps_its_inputs_and_refuses_a_mismatch(tmp_path):
