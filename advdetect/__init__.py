@@ -5,6 +5,7 @@ The main entry points, imported lazily so that ``import advdetect`` stays cheap:
 * :func:`explain` - one image's mask and figure;
 * :class:`MeaningfulPerturbation`, :class:`MaskConfig` - masks for batches of images;
 * :class:`MaskDetector` - the clean-vs-adversarial discriminator;
+* :class:`Guard` - a trained detector loaded once: ``check``, ``recover``, ``explain`` on batches;
 * :func:`load_model`, :func:`load_cifar10`, :class:`DataSpec` and :func:`images_for` (your own image
   folder, streamed shard by shard).
 """
@@ -28,6 +29,7 @@ _EXPORTS = {
     "DataSpec": "advdetect.data",
     "images_for": "advdetect.data",
     "AdvDetectError": "advdetect.errors",
+    "Guard": "advdetect.guard",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -208,6 +208,10 @@ def data_options(func: Callable) -> Callable:
     return func
 
 
+EXACT_OPTION = click.option("--exact", is_flag=True,
+                            help="Judge with optimised masks even when the detector has a fast path.")
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--model", default="cifar10-cnn", show_default=True,
               help="cifar10-cnn, torchvision:<name>[:<weights>], or a .pt2/.pt file.")
@@ -387,13 +391,18 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
               help="What the discriminator reads, comma-separated: masks, residual (what the blur removes from "
                    "the image), confidence (target probability before and after the mask, iterations used) "
                    "[default: all three].")
+@click.option("--fast/--no-fast", default=True, show_default=True,
+              help="Also train the fast path: a mask network that gives the masks in one pass, and a detector "
+                   "on its maps (`detect` uses it; --exact there forces optimised masks).")
+@click.option("--fast-epochs", default=30, show_default=True, type=click.IntRange(min=1),
+              help="Epochs of the fast path's mask network.")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
-          fpr: float, recovery_method: str, inputs: str | None, device: str, seed: int, as_json: bool,
-          **options: Any) -> None:
+          fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, device: str, seed: int,
+          as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -404,7 +413,7 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        mask_config=mask_config(seed, **pop_mask_options(options)), data=data, seed=seed,
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
-                       n_calibration=n_calibration, fpr=fpr, inputs=inputs)
+                       n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -426,6 +435,10 @@ def render_train(r: dict[str, Any]) -> str:
     if per_class:
         lines.append("held-out clean images flagged per class: " +
                      ", ".join(f"{name} {pct(rate)}" for name, rate in per_class.items()))
+    if r.get("fast"):
+        lines.append("fast path (amortized masks; `detect` uses it): " + "; ".join(
+            f"{name} ROC-AUC {m['roc_auc']:.3f}, TPR {pct(m['tpr_at_5fpr'])} at 5% FPR"
+            for name, m in r["fast"]["metrics"].items()))
     return "\n".join(lines)
 
 
@@ -434,19 +447,21 @@ def render_train(r: dict[str, Any]) -> str:
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--model", default=None, help="Model spec [default: the detector's classifier].")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1), help="Images judged together.")
+@EXACT_OPTION
 @model_file_options
 @common_options
-def detect(images: tuple[str, ...], detector_dir: str, model: str | None, batch_size: int, device: str, seed: int,
-           as_json: bool, **files: Any) -> None:
+def detect(images: tuple[str, ...], detector_dir: str, model: str | None, batch_size: int, exact: bool, device: str,
+           seed: int, as_json: bool, **files: Any) -> None:
     """Say for each image whether it is adversarial: label, score, verdict.
 
     IMAGES are files or folders (searched recursively). With --json, one JSON object per image
-    (JSON Lines), written as each batch is judged.
+    (JSON Lines), written as each batch is judged. A detector trained with a fast path (amortized
+    masks, one network pass) uses it; --exact judges with optimised masks instead.
     """
     from .inference import iter_detections, load_deployment
 
     torch_seed(seed)
-    deployed = load_deployment(detector_dir, model_arg(model, dict(files, device=device)), device)
+    deployed = load_deployment(detector_dir, model_arg(model, dict(files, device=device)), device, exact=exact)
     stream(iter_detections(list(images), deployed, batch_size, progress=sys.stderr.isatty()), as_json,
            lambda row: "\n".join([*(f"note: {row['image']}: {note}" for note in row["notes"]),
                                   f"{row['image']}: {row['label']} ({pct(row['confidence'])}), score "
@@ -479,10 +494,11 @@ def stream(rows: Any, as_json: bool, render: Callable[[dict[str, Any]], str]) ->
               help="Recovery method [default: the detector's]: a light blur, or the image's mask applied back.")
 @click.option("--batch-size", default=64, show_default=True, type=click.IntRange(min=1),
               help="Images recovered together.")
+@EXACT_OPTION
 @model_file_options
 @common_options
 def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: str | None, method: str | None,
-            batch_size: int, device: str, seed: int, as_json: bool, **files: Any) -> None:
+            batch_size: int, exact: bool, device: str, seed: int, as_json: bool, **files: Any) -> None:
     """Recover the label of (flagged) images and report the recovered top-1 and top-5.
 
     IMAGES are files or folders (searched recursively). With --json, one JSON object per image
@@ -492,7 +508,7 @@ def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: 
 
     torch_seed(seed)
     deployed = load_deployment(detector_dir, model_arg(model, dict(files, device=device)), device,
-                               recovery_method=method)
+                               recovery_method=method, exact=exact)
     stream(iter_recoveries(list(images), deployed, figures=out, batch_size=batch_size,
                            progress=sys.stderr.isatty()), as_json, lambda r: "\n".join(
         [*(f"note: {n}" for n in r["notes"]),

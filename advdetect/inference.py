@@ -15,7 +15,8 @@ from .detector import MaskDetector, load_detector
 from .detector.inputs import maps_for_result
 from .errors import AdvDetectError
 from .imageio import load_image
-from .masks import MaskConfig, make_explainer
+from .fastpath import FastPath, has_fast_path, load_fast_path
+from .masks import Explainer, MaskConfig, MaskResult, make_explainer
 from .models import ModelWrapper, load_recorded_model, resolve_model
 from .recovery import RecoveryConfig, recover
 
@@ -30,12 +31,34 @@ class Deployment:
     mask_config: MaskConfig  # the masks the detector reads
     recovery_masks_config: MaskConfig  # the deletion masks the "mask" recovery applies
     recovery_config: RecoveryConfig  # how flagged images get their label back
+    fast: FastPath | None = None  # the amortized-mask detector, when the detector has one and it is used
+
+    @property
+    def path(self) -> str:
+        """Which detector judges: ``"fast"`` (amortized masks) or ``"exact"`` (optimised masks)."""
+        return "fast" if self.fast is not None else "exact"
+
+    @property
+    def judge(self) -> MaskDetector:
+        """The detector whose scores and threshold give the verdicts."""
+        return self.fast.detector if self.fast is not None else self.detector
+
+
+@dataclass
+class Judgement:
+    """A batch's predictions, the masks the detector read, and its verdicts."""
+
+    probs: torch.Tensor  # N x classes, on the CPU
+    masks: MaskResult  # what the detector read (amortized or optimised)
+    scores: torch.Tensor  # N adversarial scores
+    flagged: torch.Tensor  # N bool: score above the threshold
 
 
 def load_deployment(detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
-                    device: str = "auto", recovery_method: str | None = None) -> Deployment:
+                    device: str = "auto", recovery_method: str | None = None, exact: bool = False) -> Deployment:
     """Load the detector in ``detector_dir`` and its classifier (``model``, else the one it recorded), checked
-    to belong together; ``recovery_method`` overrides the detector's recovery method."""
+    to belong together; ``recovery_method`` overrides the detector's recovery method. The detector's fast
+    path (amortized masks, ``<dir>/fast/``) judges when it has one, unless ``exact``."""
     from .storage import read_json
 
     meta_path = os.path.join(detector_dir, "detector.json")
@@ -48,8 +71,24 @@ def load_deployment(detector_dir: str | os.PathLike, model: str | ModelWrapper |
         load_recorded_model(recorded, device, f"detector {detector_dir}")
     detector, meta = load_detector(detector_dir, classifier=wrapper.info.identity(), device=str(wrapper.device))
     mask_config = MaskConfig.from_dict(meta["mask_config"])
+    fast = load_fast_path(detector_dir, wrapper) if has_fast_path(detector_dir) and not exact else None
     return Deployment(wrapper, detector, meta, mask_config, recovery_masks_config(meta, mask_config),
-                      recovery_config(meta, recovery_method))
+                      recovery_config(meta, recovery_method), fast)
+
+
+def judge(deployed: Deployment, x: torch.Tensor, explainer: Explainer | None = None) -> Judgement:
+    """Predictions, masks, scores and verdicts for a batch ``x`` (on the model's device): with the fast path
+    when the deployment has one, else with ``explainer`` (the detector's optimised masks)."""
+    probs = deployed.model.logits(x).softmax(1)
+    if deployed.fast is not None:
+        maps, result = deployed.fast.maps(x, probs=probs.to(x.device))
+    else:
+        explainer = explainer or make_explainer(deployed.model, deployed.mask_config)
+        result = explainer.attribute(x)
+        maps = maps_for_result(deployed.detector.input_names(), x, result)
+    detector = deployed.judge
+    scores = torch.as_tensor(detector.decision_function(maps.cpu()))
+    return Judgement(probs.cpu(), result, scores, scores > detector.threshold_)
 
 
 def recovery_masks_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:
@@ -109,28 +148,28 @@ def iter_detections(paths: Sequence[str | os.PathLike], deployed: Deployment, ba
                     progress: bool = False) -> Iterator[dict[str, Any]]:
     """Label, adversarial score and verdict for each image, one dict per image as soon as its batch is judged;
     an unreadable image gives ``{"image", "error"}`` instead."""
-    wrapper, detector = deployed.model, deployed.detector
-    explainer = make_explainer(wrapper, deployed.mask_config)
+    wrapper = deployed.model
+    explainer = make_explainer(wrapper, deployed.mask_config) if deployed.fast is None else None
     for files, x, notes, errors in _batches(find_images(paths), wrapper, batch_size, progress):
         yield from errors
         if x is None:
             continue
-        probs = wrapper.logits(x).softmax(1).cpu()
-        scores = detector.decision_function(maps_for_result(detector.input_names(), x, explainer.attribute(x)).cpu())
+        verdict = judge(deployed, x, explainer)
         for i, path in enumerate(files):
-            label = int(probs[i].argmax())
+            label = int(verdict.probs[i].argmax())
             yield {"image": str(path), "label": wrapper.info.classes[label], "label_index": label,
-                   "confidence": float(probs[i, label]), "score": float(scores[i]),
-                   "adversarial": bool(scores[i] > detector.threshold_), "notes": notes[i]}
+                   "confidence": float(verdict.probs[i, label]), "score": float(verdict.scores[i]),
+                   "adversarial": bool(verdict.flagged[i]), "path": deployed.path, "notes": notes[i]}
 
 
 def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.PathLike,
-                  model: str | ModelWrapper | None = None, device: str = "auto") -> dict[str, Any]:
-    """Label, adversarial score and verdict for each image (files, or folders searched recursively)."""
-    deployed = load_deployment(detector_dir, model, device)
+                  model: str | ModelWrapper | None = None, device: str = "auto", exact: bool = False) -> dict[str, Any]:
+    """Label, adversarial score and verdict for each image (files, or folders searched recursively);
+    with the detector's fast path when it has one, unless ``exact``."""
+    deployed = load_deployment(detector_dir, model, device, exact=exact)
     rows = list(iter_detections(paths, deployed))
-    return {"detector": str(detector_dir), "threshold": deployed.detector.threshold_,
-            "calibration_fpr": deployed.detector.calibration_fpr_, "images": rows}
+    return {"detector": str(detector_dir), "threshold": deployed.judge.threshold_,
+            "calibration_fpr": deployed.judge.calibration_fpr_, "path": deployed.path, "images": rows}
 
 
 def iter_recoveries(paths: Sequence[str | os.PathLike], deployed: Deployment, figures: str | os.PathLike | None = None,
@@ -142,32 +181,50 @@ def iter_recoveries(paths: Sequence[str | os.PathLike], deployed: Deployment, fi
     A flagged image's prediction is ruled out of the recovered ranking (unless the detector's
     recovery settings say otherwise).
     """
-    wrapper, detector, config = deployed.model, deployed.detector, deployed.mask_config
-    settings, rec_config = deployed.recovery_config, deployed.recovery_masks_config
-    detect_masks = make_explainer(wrapper, config)
-    recovery_masks = make_explainer(wrapper, rec_config) if settings.method == "mask" and rec_config != config else None
+    wrapper, settings = deployed.model, deployed.recovery_config
+    explainers = recovery_explainers(deployed)
     files_all = find_images(paths)
     count = 0
     for files, x, notes, errors in _batches(files_all, wrapper, batch_size, progress):
         yield from errors
         if x is None:
             continue
-        detection = detect_masks.attribute(x)
-        scores = detector.decision_function(maps_for_result(detector.input_names(), x, detection).cpu())
-        flagged = torch.as_tensor(scores > detector.threshold_)
-        shown = recovery_masks.attribute(x) if recovery_masks is not None else detection  # the mask applied back
-        before = wrapper.logits(x).softmax(1).cpu()
-        predicted = before.argmax(1)
-        rec = recover(wrapper, x, shown.masks, settings, mask_config=rec_config, predicted=predicted, flagged=flagged)
+        verdict, rec, shown = recover_batch(deployed, x, explainers)
+        before, predicted = verdict.probs, verdict.probs.argmax(1)
         for i, path in enumerate(files):
             figure = None
+            score, flagged = float(verdict.scores[i]), bool(verdict.flagged[i])
             if figures is not None:
                 figure = Path(figures) if len(files_all) == 1 else Path(figures) / f"{count:05d}-{path.stem}.png"
-                _recovery_figure(figure, deployed, x[i], shown.masks[i], rec.images[i], before[i], rec.probs[i],
-                                 int(predicted[i]), bool(flagged[i]), float(scores[i]), int(rec.top5[i, 0]))
+                _recovery_figure(figure, deployed, x[i], shown[i], rec.images[i], before[i], rec.probs[i],
+                                 int(predicted[i]), flagged, score, int(rec.top5[i, 0]))
             count += 1
-            yield _recovery_row(path, deployed, before[i], rec.probs[i], rec.top5[i].tolist(), float(scores[i]),
-                                bool(flagged[i]), figure, notes[i])
+            yield _recovery_row(path, deployed, before[i], rec.probs[i], rec.top5[i].tolist(), score, flagged, figure,
+                                notes[i])
+
+
+def recovery_explainers(deployed: Deployment) -> tuple[Explainer | None, Explainer | None]:
+    """The mask methods :func:`recover_batch` needs: the detector's optimised masks (none on the fast path)
+    and the deletion masks mask recovery applies (none when those are the detector's own)."""
+    config, rec_config = deployed.mask_config, deployed.recovery_masks_config
+    detect = make_explainer(deployed.model, config) if deployed.fast is None else None
+    reuse = deployed.fast is None and rec_config == config
+    apply = make_explainer(deployed.model, rec_config) if deployed.recovery_config.method == "mask" and not reuse \
+        else None
+    return detect, apply
+
+
+def recover_batch(deployed: Deployment, x: torch.Tensor,
+                  explainers: tuple[Explainer | None, Explainer | None] | None = None) -> tuple[Judgement, Any, torch.Tensor]:
+    """Verdicts for a batch, the recovered labels (:class:`~advdetect.recovery.Recovery`) and the masks shown:
+    the deletion masks applied back (optimised, also on the fast path) or, for blur recovery, those the
+    detector read. ``explainers``: :func:`recovery_explainers` of the deployment (made here when not given)."""
+    detect, apply = explainers if explainers is not None else recovery_explainers(deployed)
+    verdict = judge(deployed, x, detect)
+    shown = apply.attribute(x).masks if apply is not None else verdict.masks.masks
+    rec = recover(deployed.model, x, shown, deployed.recovery_config, mask_config=deployed.recovery_masks_config,
+                  predicted=verdict.probs.argmax(1), flagged=verdict.flagged)
+    return verdict, rec, shown
 
 
 def _recovery_row(path: Path, deployed: Deployment, before: torch.Tensor, after: torch.Tensor, top5: list[int],
@@ -204,9 +261,11 @@ def _recovery_figure(path: Path, deployed: Deployment, image: torch.Tensor, mask
 
 
 def recover_image(path: str | os.PathLike, detector_dir: str | os.PathLike, model: str | ModelWrapper | None = None,
-                  out: str | os.PathLike | None = None, device: str = "auto", method: str | None = None) -> dict[str, Any]:
-    """One image's prediction, verdict and recovered top-1 / top-5 (``method``: the detector's by default)."""
-    deployed = load_deployment(detector_dir, model, device, recovery_method=method)
+                  out: str | os.PathLike | None = None, device: str = "auto", method: str | None = None,
+                  exact: bool = False) -> dict[str, Any]:
+    """One image's prediction, verdict and recovered top-1 / top-5 (``method``: the detector's by default;
+    the verdict from the fast path when the detector has one, unless ``exact``)."""
+    deployed = load_deployment(detector_dir, model, device, recovery_method=method, exact=exact)
     row = next(iter_recoveries([path], deployed, figures=out))
     if "error" in row:
         raise AdvDetectError(row["error"])

@@ -37,6 +37,7 @@ from .detector.network import MASK_SIZE
 from .distributed import context
 from .errors import AdvDetectError, OptionError
 from .masks import MaskConfig
+from .masks.amortized_training import MaskNetFit
 from .masks.config import resolve_mask_config
 from .maskset import compute_mask_set
 from .models.wrapper import ModelWrapper
@@ -67,6 +68,7 @@ class TrainReport:
     data: dict[str, Any]  # where the images came from (DataSpec.describe)
     mask_config: dict[str, Any]  # the mask settings used
     images: dict[str, Any]  # which images fitted, calibrated and were held out (as in detector.json)
+    fast: dict[str, Any] | None = None  # the fast path (amortized masks): per attack, held-out detection metrics
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -104,7 +106,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    data: DataSpec | None = None, batch_size: int = 256, seed: int = 0,
                    progress: bool = True, shard_size: int = 512,
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
-                   n_calibration: int = 1000, work: str | os.PathLike | None = None) -> TrainReport:
+                   n_calibration: int = 1000, work: str | os.PathLike | None = None,
+                   fast: bool = True, fast_settings: MaskNetFit | None = None) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -115,6 +118,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     ``work``: where the attack and mask sets live (default ``out/work``); another run's work folder
     reuses its finished sets (same images, attacks and mask settings), e.g. to fit detectors that
     leave one attack out.
+    ``fast``: also train the fast path (a mask network and a detector on its maps, ``out/fast/``), when the
+    masks are meaningful deletion or preservation masks; ``fast_settings``: how the network is trained.
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
@@ -147,12 +152,13 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     # "test": every training image fits; clean test images right after the evaluation images calibrate
     # (images the classifier never saw, like those it will be deployed on).
     n_fit = n if calibrate_on == "test" else int(round(n * (1 - calibration_fraction)))
-    fit_adv, clean_split = [], None
+    fit_adv, clean_split, fit_keep = [], None, []
     inputs = detector.input_names()  # the masks, and any evidence planes beside them
     for directory in train_dirs:  # the detector reads masks at its own resolution: pooled as they are read
         split = load_split(directory, mask_config.kind, images=False, pool=MASK_SIZE, inputs=inputs)
         clean_split = clean_split or split  # every attack set holds the same clean images
         fit_adv.append(split.masks_adv[split.successful & (split.index < n_fit)])
+        fit_keep.append(split.index < n_fit)
     fitting = clean_split.index < n_fit
     fit_clean = clean_split.masks_clean[clean_split.correct & fitting]
     cal_clean = clean_split.masks_clean[clean_split.correct & ~fitting]
@@ -175,10 +181,25 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     y = torch.cat([torch.zeros(len(fit_clean)), torch.ones(len(adv))])
     detector.fit(X, y)
     detector.calibrate(cal_clean)
+    fast_path = None
+    if fast and fast_supported(mask_config):
+        from .fastpath import read_fast_set, train_fast_path
+        from .masks.parameterization import low_res_shape
+
+        pool = low_res_shape(tuple(model.info.input_size), mask_config.upsample)
+        fast_settings = fast_settings or MaskNetFit(seed=seed)
+        cal_set = read_fast_set([cal_dir], mask_config.kind, pool, [torch.ones(len(calibration.index), dtype=bool)],
+                                adversarial=False) if calibrate_on == "test" else \
+            read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
+        fast_path = train_fast_path(model, mask_config, MaskDetector(**detector.get_params()), train_dirs, fit_keep,
+                                    cal_set, settings=fast_settings, seed=seed, progress=progress)
+    elif fast:
+        log.warning("no fast path: amortized masks stand in for meaningful deletion or preservation masks, "
+                    "not %s", mask_config.kind)
 
     recovery_masks = mask_config.for_recovery()
     eval_attacks = list(attacks) + [a for a in (transfer or []) if a not in attacks]
-    metrics, first_test = {}, None
+    metrics, first_test, fast_rows = {}, None, {}
     for attack in eval_attacks:
         directory = prepare_split(model, attack, held_out_images, work / f"test-{attack.name}", mask_config,
                                   batch_size, progress, reuse_clean_from=first_test, shard_size=shard_size,
@@ -187,6 +208,11 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         held_out = load_split(directory, mask_config.kind, recovery_masks.kind, inputs=inputs)
         metrics[attack.name] = split_metrics(model, detector, held_out, recovery_masks, recovery)
         metrics[attack.name]["trained_on"] = attack in attacks
+        if fast_path is not None:
+            from .fastpath import fast_metrics
+
+            fast_rows[attack.name] = fast_metrics(fast_path, held_out.clean[held_out.correct],
+                                                  held_out.adv[held_out.successful])
         if "held_out" not in records:  # every attack set holds the same images
             records["held_out"] = held_out_images.identify(held_out.index.tolist())
     report = TrainReport(out=str(out), model=model.info.identity(), attacks=[a.to_dict() for a in attacks],
@@ -194,7 +220,9 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                          calibrated_on=calibrate_on, n_calibration=int(len(cal_clean)),
                          calibration_fpr=detector.calibration_fpr_, metrics=metrics,
                          seconds=round(time.time() - start, 1), data=data.describe(),
-                         mask_config=mask_config.to_dict(), images=records)
+                         mask_config=mask_config.to_dict(), images=records,
+                         fast={"threshold": fast_path.detector.threshold_, "metrics": fast_rows}
+                         if fast_path is not None else None)
     ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it
     if ctx.is_main:
         save_detector(out, detector, model.info.identity(), mask_config,
@@ -203,9 +231,21 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                              "n_train": n, "n_eval": n_eval, "calibrated_on": calibrate_on,
                              "n_calibration": report.n_calibration, "seed": seed, "data": report.data,
                              "images": records})  # evaluate refuses these fit and calibration images
+        if fast_path is not None:
+            from .fastpath import save_fast_path
+
+            save_fast_path(out, fast_path, model.info.identity(),
+                           extra={"metrics": fast_rows, "mask_net_fit": {
+                               "loss": fast_settings.loss, "epochs": fast_settings.epochs,
+                               "last_epoch": fast_settings.history[-1] if fast_settings.history else None}})
         write_json(out / "report.json", report.to_dict())
     ctx.barrier()
     return report
+
+
+def fast_supported(config: MaskConfig) -> bool:
+    """Whether a mask network can stand in for ``config``'s masks (meaningful deletion or preservation)."""
+    return config.method == "meaningful" and config.game in ("delete", "preserve")
 
 
 def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
@@ -221,11 +261,11 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
               device: str = "auto", progress: bool = True, batch_size: int = 256,
               shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
               n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
-              work: str | os.PathLike | None = None) -> TrainReport:
+              work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
     ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
-    None: the default).
+    None: the default). ``fast``: also train the fast path, its mask network for ``fast_epochs`` epochs.
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
@@ -242,4 +282,5 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
                           detector=MaskDetector(seed=seed, device=str(wrapper.device), fpr=fpr, inputs=inputs),
                           batch_size=batch_size,
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
-                          n_calibration=n_calibration, work=work)
+                          n_calibration=n_calibration, work=work, fast=fast,
+                          fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed))

@@ -47,6 +47,10 @@ def test_train_report_and_artifacts(detector_dir):
     assert m["trained_on"] and not report["metrics"]["fgsm"]["trained_on"]
     meta = json.loads((out / "detector.json").read_text())
     assert meta["classifier"]["name"] == "cifar10-cnn" and meta["mask_config"]["iterations"] == 40
+    # the fast path: a mask network and a detector on its maps, with held-out metrics for every attack
+    assert (out / "fast" / "mask_net.json").is_file() and (out / "fast" / "detector.json").is_file()
+    assert set(report["fast"]["metrics"]) == {"bim", "fgsm"}
+    assert all(0 <= m["roc_auc"] <= 1 for m in report["fast"]["metrics"].values())
     # rerunning reuses every finished stage and gives the same report
     again = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
                 str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
@@ -90,7 +94,9 @@ def test_detect_and_recover(detector_dir, tmp_path):
     rows = [json.loads(line) for line in result.stdout.strip().splitlines()]  # JSON Lines
     assert [r["image"].endswith(n) for r, n in zip(rows, ("adv.png", "big.png"))] == [True, True]
     assert any("resized" in n for n in rows[1]["notes"]) and any("alpha" in n for n in rows[1]["notes"])
-    assert all(isinstance(r["adversarial"], bool) for r in rows)
+    assert all(isinstance(r["adversarial"], bool) and r["path"] == "fast" for r in rows)
+    exact = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--exact", "--json").stdout)
+    assert exact["path"] == "exact" and exact["label"] == rows[0]["label"]
     alone = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
     assert alone["score"] == pytest.approx(rows[0]["score"], abs=1e-4)  # a batch judges each image as alone
     text = run("detect", str(tmp_path / "adv.png"), "--detector", str(out))
@@ -175,11 +181,18 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     monkeypatch.setattr(MeaningfulPerturbation, "attribute", spy)
     data = load_attack_set(out / "work" / "test-bim")
     save_image(data.adv[0], tmp_path / "adv.png")
-    r = inference.recover_image(tmp_path / "adv.png", out, method="mask")
+    r = inference.recover_image(tmp_path / "adv.png", out, method="mask", exact=True)
     assert games == ["preserve", "delete"] and len(r["recovered_top5"]) == 5
     games.clear()
-    inference.recover_image(tmp_path / "adv.png", out)  # the default light blur needs no deletion mask
+    inference.recover_image(tmp_path / "adv.png", out, exact=True)  # the default light blur needs no deletion mask
     assert games == ["preserve"] and meta["recovery"]["method"] == "blur"
+    games.clear()  # the fast path: amortized preservation masks judge, optimised deletion masks recover
+    fast = inference.recover_image(tmp_path / "adv.png", out, method="mask")
+    assert games == ["delete"] and json.loads((out / "fast" / "mask_net.json").read_text())["mask_config"][
+        "game"] == "preserve"
+    games.clear()
+    inference.recover_image(tmp_path / "adv.png", out)
+    assert games == [] and fast["score"] != r["score"]
     assert MaskConfig(game="preserve").for_recovery() == MaskConfig()
 
 
@@ -229,8 +242,16 @@ def test_detector_with_evidence_planes_end_to_end(tmp_path):
     assert detector.input_names() == ("masks", "residual", "confidence")
     held_out = load_split(out / "work" / "test-fgsm", "delete", inputs=detector.input_names())
     save_image(held_out.adv[0], tmp_path / "adv.png")
-    row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
+    row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--exact", "--json").stdout)
     stored = float(detector.decision_function(held_out.masks_adv[:1])[0])
     assert row["score"] == pytest.approx(stored, abs=0.05)  # the PNG rounds pixels to 1/255; nothing else differs
+    # the fast path reads the same inputs, from amortized masks
+    from advdetect.fastpath import load_fast_path
+    from advdetect.models import load_model
+
+    fast = load_fast_path(out, load_model("cifar10-cnn"))
+    assert fast.detector.input_names() == detector.input_names()
+    row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
+    assert row["path"] == "fast" and row["score"] == pytest.approx(float(fast.scores(held_out.adv[:1])[0]), abs=0.05)
     bad = run("train", "--inputs", "masks,colour", "--out", str(tmp_path / "x"), "--data-dir", str(SHARED_DATA))
     assert bad.exit_code == 2 and "colour" in bad.output and not (tmp_path / "x").exists()

@@ -1,0 +1,183 @@
+"""The fast path: a detector that reads amortized masks (one network pass) instead of optimised ones.
+
+A fast path is a trained :class:`~advdetect.masks.amortized.MaskNet` plus a :class:`MaskDetector`
+fitted and calibrated on the maps it gives (the same ``inputs`` as the exact detector: masks,
+residual, confidence). It lives in ``<detector>/fast/``: ``mask_net.safetensors`` +
+``mask_net.json`` and a detector saved the usual way (``detector.json`` + safetensors).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .detector import MaskDetector, load_detector, save_detector
+from .detector.inputs import maps_for_result
+from .masks import MaskConfig, MaskResult
+from .errors import AdvDetectError
+from .masks.amortized import AmortizedMasks, load_mask_net, save_mask_net
+from .masks.parameterization import low_res_shape
+from .models.wrapper import ModelWrapper
+
+FAST_DIR = "fast"
+
+
+@dataclass
+class FastPath:
+    """A mask network and the detector fitted on its maps."""
+
+    explainer: AmortizedMasks
+    detector: MaskDetector
+
+    def maps(self, images: torch.Tensor, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskResult]:
+        """The detector's maps for ``images`` and the amortized mask result they come from."""
+        return amortized_maps(self.explainer, self.detector.input_names(), images, probs=probs)
+
+    def scores(self, images: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        maps, _ = self.maps(images, probs)
+        return torch.as_tensor(self.detector.decision_function(maps))
+
+
+def amortized_maps(explainer: AmortizedMasks, inputs: Sequence[str], images: torch.Tensor, batch_size: int = 512,
+                   probs: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskResult]:
+    """Maps (N x C x 32 x 32) of ``inputs`` from amortized masks, in batches, and the concatenated result."""
+    maps, results = [], []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start:start + batch_size]
+        result = explainer.attribute(x, probs=None if probs is None else probs[start:start + batch_size])
+        maps.append(maps_for_result(inputs, x, result))
+        results.append(result)
+    cat = MaskResult(*(torch.cat([getattr(r, name) for r in results]) for name in
+                       ("masks", "targets", "prob_before", "prob_after", "iterations")), config=explainer.config)
+    return torch.cat(maps), cat
+
+
+def save_fast_path(detector_dir: str | os.PathLike, fast: FastPath, classifier: dict[str, Any],
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Write the fast path under ``<detector_dir>/fast/``."""
+    directory = Path(detector_dir) / FAST_DIR
+    save_mask_net(directory, fast.explainer.net, extra={"mask_config": fast.explainer.config.to_dict()})
+    save_detector(directory, fast.detector, classifier, fast.explainer.config, extra=extra)
+    return directory
+
+
+def has_fast_path(detector_dir: str | os.PathLike) -> bool:
+    return (Path(detector_dir) / FAST_DIR / "detector.json").is_file()
+
+
+def load_fast_path(detector_dir: str | os.PathLike, model: ModelWrapper) -> FastPath:
+    """The fast path of a detector, for ``model`` (checked to be the classifier it was trained with)."""
+    directory = Path(detector_dir) / FAST_DIR
+    detector, meta = load_detector(directory, classifier=model.info.identity(), device=str(model.device))
+    net, _ = load_mask_net(directory, device=model.device)
+    config = MaskConfig.from_dict(meta["mask_config"])
+    info = model.info
+    want = (len(info.mean), info.num_classes, low_res_shape(tuple(info.input_size), config.upsample))
+    have = (net.spec.in_channels, net.spec.num_classes, net.spec.low_shape)
+    if have != want:
+        raise AdvDetectError(f"{directory}: the mask network takes {have[0]} channels, {have[1]} classes and writes "
+                             f"{have[2]} masks; {info.name} needs {want}; the fast path belongs to another model")
+    return FastPath(AmortizedMasks(model, net, config), detector)
+
+
+IMAGE_BUDGET = 2**30  # bytes of training images the mask network learns from (sampled beyond that)
+
+
+@dataclass
+class FastSet:
+    """Images of stored attack sets with their optimised masks (pooled to the mask's cells) and iterations."""
+
+    images: torch.Tensor
+    masks: torch.Tensor
+    iterations: torch.Tensor
+    usable: torch.Tensor  # bool: counts for the detector (correct clean image, or successful attack)
+    adversarial: torch.Tensor  # bool
+    attack: torch.Tensor  # int: which set each image came from
+
+
+def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int], keep: Sequence[torch.Tensor],
+                  clean_from_first: bool = True, adversarial: bool = True, chunk: int = 512) -> FastSet:
+    """Clean images of the first set (when ``clean_from_first``) and every set's adversarial images (when
+    ``adversarial``), where ``keep[i]`` (bool per image of set i) says so; read a chunk at a time."""
+    from .splits import AttackSetReader, load_mask_set, successful_attacks
+
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "masks", "iterations", "usable", "adv", "set")}
+    size = pool[0] if pool[0] == pool[1] else None
+    for number, directory in enumerate(directories):
+        reader = AttackSetReader(directory)
+        sides = (("clean",) if clean_from_first and number == 0 else ()) + (("adv",) if adversarial else ())
+        masks = load_mask_set(directory, kind, [f"{s}_{f}" for s in sides for f in ("mask", "iterations")], pool=size)
+        chosen = keep[number]
+        for start in range(0, reader.n, chunk):
+            stop = min(start + chunk, reader.n)
+            rows = reader.rows(start, stop)
+            picked = chosen[start:stop]
+            for side in sides:
+                parts["images"].append(rows[side][picked])
+                mask = masks[f"{side}_mask"][start:stop][picked]
+                parts["masks"].append(mask if size else torch.nn.functional.adaptive_avg_pool2d(mask, pool))
+                parts["iterations"].append(masks[f"{side}_iterations"][start:stop][picked])
+                good = rows["clean_pred"] == rows["labels"] if side == "clean" else \
+                    successful_attacks(rows["labels"], rows["clean_pred"], rows["adv_pred"])
+                parts["usable"].append(good[picked])
+                parts["adv"].append(torch.full((int(picked.sum()),), side == "adv"))
+                parts["set"].append(torch.full((int(picked.sum()),), number))
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return FastSet(cat["images"], cat["masks"], cat["iterations"], cat["usable"], cat["adv"], cat["set"])
+
+
+def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetector, fit_dirs: Sequence[Path],
+                    fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
+                    settings: Any = None, seed: int = 0, progress: bool = False) -> FastPath:
+    """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
+    ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
+    on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
+    clean images of ``calibration``."""
+    from .masks.amortized import mask_net_for
+    from .masks.amortized_training import MaskNetFit, fit_mask_net
+    from .masks.parameterization import low_res_shape
+
+    settings = settings or MaskNetFit(seed=seed)
+    pool = low_res_shape(tuple(model.info.input_size), config.upsample)
+    per_image = 4 * len(model.info.mean) * model.info.input_size[0] * model.info.input_size[1]
+    budget = max(512, IMAGE_BUDGET // per_image)
+    total = sum(int(k.sum()) for k in fit_keep) + int(fit_keep[0].sum())
+    gen = torch.Generator().manual_seed(seed)
+    if total > budget:  # the same share of every set
+        keep = [k & (torch.rand(k.shape, generator=gen) < budget / total) for k in fit_keep]
+    else:
+        keep = list(fit_keep)
+    data = read_fast_set(fit_dirs, config.kind, pool, keep)
+    device = model.device
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = mask_net_for(model.info, config).to(device)
+    fit_mask_net(model, net, data.images.to(device), config, teacher_masks=data.masks,
+                 teacher_iterations=data.iterations, settings=settings, progress=progress)
+    fast = FastPath(AmortizedMasks(model, net, config), detector)
+    maps, _ = fast.maps(data.images.to(device))
+    maps = maps.cpu()
+    clean = maps[data.usable & ~data.adversarial]
+    per = max(1, len(clean) // len(fit_dirs))
+    adv = [maps[data.usable & data.adversarial & (data.attack == i)] for i in range(len(fit_dirs))]
+    adv = torch.cat([a[torch.randperm(len(a), generator=gen)[:per]] for a in adv])
+    detector.fit(torch.cat([clean, adv]), torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))]))
+    if calibration is not None:
+        cal_maps, _ = fast.maps(calibration.images.to(device))
+        detector.calibrate(cal_maps.cpu()[calibration.usable])
+    return fast
+
+
+def fast_metrics(fast: FastPath, clean: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
+    """Detection metrics of the fast path on held-out clean images (correct) and attacks (successful)."""
+    import numpy as np
+
+    from .detector import detection_metrics
+
+    c, a = fast.scores(clean).numpy(), fast.scores(adv).numpy()
+    return detection_metrics(np.r_[np.zeros(len(c)), np.ones(len(a))], np.r_[c, a], fast.detector.threshold_)

@@ -1,0 +1,143 @@
+"""What a verdict costs and how good it is: the classifier alone, the optimised-mask path, the fast path.
+
+    python scripts/bench_detect.py --detector runs/mix-delete-800            # full
+    python scripts/bench_detect.py --detector runs/mix-delete-800 --quick    # under 10 minutes
+
+``--detector``: a detector directory with a fast path (``advdetect train`` makes one) and its work
+folder (the held-out ``work/test-<attack>`` sets). In one warm process (model and detector loaded
+once, as :class:`advdetect.Guard` holds them), prints one JSON line:
+
+* ``latency_ms``: p50 / p95 at batch 1 and ``images_per_second`` at batch 256 for the classifier's
+  forward pass, the fast path's whole verdict (classifier + mask network + perturbed forward +
+  detector) and the optimised path's whole verdict;
+* ``detection``: per attack, ROC-AUC and TPR at 5% FPR of both paths on the same held-out images
+  (the optimised path's maps are the stored held-out masks, which are what it computes), and the
+  share of held-out clean images each path flags at its own calibrated threshold;
+* ``faithfulness_fast`` / ``faithfulness_optimized``: share of held-out deletion masks whose perturbed
+  image keeps at most 10% of the target probability; ``mask_abs_diff`` / ``mask_correlation``
+  between predicted and optimised masks;
+* summary keys ``fast_latency_ms_batch1``, ``cost_ratio_batch256`` (fast verdict time / classifier
+  forward time at batch 256, same run), ``auc_gap_max`` (largest optimised-minus-fast ROC-AUC).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from advdetect import Guard  # noqa: E402
+from advdetect.detector.metrics import tpr_at_fpr  # noqa: E402
+from advdetect.splits import load_mask_set, load_split  # noqa: E402
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall-clock milliseconds of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def latency(fn, images: torch.Tensor, repeats1: int, repeats256: int) -> dict[str, float]:
+    one = timed(lambda: fn(images[:1]), repeats1)
+    many = timed(lambda: fn(images), repeats256)
+    return {"p50_ms_batch1": round(statistics.median(one), 3),
+            "p95_ms_batch1": round(float(np.percentile(one, 95)), 3),
+            "ms_batch256": round(statistics.median(many), 2),
+            "images_per_second_batch256": round(len(images) / (statistics.median(many) / 1000), 1)}
+
+
+def auc_row(clean: np.ndarray, adv: np.ndarray, threshold: float) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    labels, scores = np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv]
+    return {"roc_auc": round(float(roc_auc_score(labels, scores)), 4),
+            "tpr_at_5fpr": round(tpr_at_fpr(labels, scores, 0.05), 4),
+            "fpr_at_threshold": round(float((clean > threshold).mean()), 4),
+            "tpr_at_threshold": round(float((adv > threshold).mean()), 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", required=True)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and images: under 10 minutes")
+    parser.add_argument("--batch", type=int, default=256)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    fast, exact = Guard.load(args.detector, device="cpu"), Guard.load(args.detector, device="cpu", exact=True)
+    if fast.path != "fast":
+        raise SystemExit(f"{args.detector} has no fast path; train it with `advdetect train` (--fast is the default)")
+    deployed = exact.deployment
+    tests = sorted(Path(args.detector, "work").glob("test-*"))
+    if not tests:
+        raise SystemExit(f"{args.detector}/work holds no held-out test sets")
+    inputs, kind = deployed.detector.input_names(), deployed.mask_config.kind
+    paths = {p.name[len("test-"):]: p for p in tests}
+    splits = {name: load_split(path, kind, inputs=inputs) for name, path in paths.items()}
+    first = next(iter(splits.values()))
+    images = torch.cat([first.clean, first.adv])[:args.batch]
+    model = fast.model
+    result: dict = {"detector": args.detector, "quick": args.quick, "torch_threads": torch.get_num_threads(),
+                    "batch": len(images), "latency": {}}
+    reps = (20, 3) if args.quick else (100, 10)
+    result["latency"]["classifier"] = latency(lambda x: model.logits(x), images, *reps)
+    result["latency"]["fast"] = latency(lambda x: fast.check(x), images, *reps)
+    exact_images = images[:32] if args.quick else images  # the optimised path: seconds per batch
+    exact_lat = latency(lambda x: exact.check(x), exact_images, 3 if args.quick else 10, 1)
+    exact_lat["batch"] = len(exact_images)
+    result["latency"]["optimized"] = exact_lat
+    forward = result["latency"]["classifier"]["ms_batch256"]
+    result["cost_ratio_batch256"] = round(result["latency"]["fast"]["ms_batch256"] / forward, 2)
+    result["cost_ratio_optimized"] = round(exact_lat["ms_batch256"] / len(exact_images) * len(images) / forward, 1)
+    result["fast_latency_ms_batch1"] = result["latency"]["fast"]["p50_ms_batch1"]
+
+    detection, faith_fast, faith_opt, diffs, corrs = {}, [], [], [], []
+    fast_det, exact_det = fast.deployment.fast.detector, deployed.detector
+    for name, split in splits.items():
+        ok, hit = split.correct, split.successful
+        sides = {"clean": split.clean[ok], "adv": split.adv[hit]}
+        fast_scores = {s: fast.check(x).scores.numpy() for s, x in sides.items()}
+        exact_scores = {"clean": exact_det.decision_function(split.masks_clean[ok]),
+                        "adv": exact_det.decision_function(split.masks_adv[hit])}
+        detection[name] = {"fast": auc_row(fast_scores["clean"], fast_scores["adv"], fast_det.threshold_),
+                           "optimized": auc_row(exact_scores["clean"], exact_scores["adv"], exact_det.threshold_)}
+        if deployed.mask_config.game != "delete":
+            continue
+        stored = load_mask_set(paths[name], kind,
+                               [f"{s}_{f}" for s in ("clean", "adv") for f in ("mask", "prob_before", "prob_after")])
+        for side, keep in (("clean", ok), ("adv", hit)):
+            if side == "clean" and name != next(iter(splits)):
+                continue  # every set holds the same clean images
+            predicted = fast.explain(getattr(split, side)[keep], exact=False)
+            faith_fast.append(predicted.deletion_ratio <= 0.1)
+            ratio = stored[f"{side}_prob_after"][keep] / stored[f"{side}_prob_before"][keep].clamp(min=1e-12)
+            faith_opt.append(ratio <= 0.1)
+            opt = stored[f"{side}_mask"][keep]
+            diffs.append((predicted.masks - opt).abs().flatten(1).mean(1))
+            p, o = predicted.masks.flatten(1), opt.flatten(1)
+            p, o = p - p.mean(1, keepdim=True), o - o.mean(1, keepdim=True)
+            corrs.append((p * o).sum(1) / (p.norm(dim=1) * o.norm(dim=1)).clamp(min=1e-8))
+    result["detection"] = detection
+    result["auc_gap_max"] = round(max(d["optimized"]["roc_auc"] - d["fast"]["roc_auc"] for d in detection.values()), 4)
+    if faith_fast:
+        result["faithfulness_fast"] = round(float(torch.cat(faith_fast).float().mean()), 4)
+        result["faithfulness_optimized"] = round(float(torch.cat(faith_opt).float().mean()), 4)
+        result["mask_abs_diff"] = round(float(torch.cat(diffs).mean()), 4)
+        result["mask_correlation"] = round(float(torch.cat(corrs).nanmean()), 4)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
