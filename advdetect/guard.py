@@ -51,7 +51,8 @@ class Recovered:
     """One batch's verdicts and recovered labels."""
 
     verdicts: Verdicts
-    labels: torch.Tensor  # int64 N, the recovered top-1
+    labels: torch.Tensor  # int64 N, the recovered top-1 (as `advdetect recover` reports it, for every image)
+    pipeline_labels: torch.Tensor  # int64 N, what detect-then-recover gives: the prediction unless flagged
     top5: torch.Tensor  # N x 5 class indices
     probs: torch.Tensor  # N x classes after recovery
     masks: torch.Tensor  # N x 1 x H x W: the deletion masks applied back (or the detector's, for blur recovery)
@@ -99,10 +100,13 @@ class Guard:
         return self._verdicts(judge(self.deployment, x, self._recovery[0]))
 
     def recover(self, images: torch.Tensor | Sequence[str | os.PathLike]) -> Recovered:
-        """Verdicts and the recovered labels (a flagged image's prediction ruled out, as the detector says)."""
+        """Verdicts and the recovered labels (a flagged image's prediction ruled out, as the detector says);
+        ``pipeline_labels`` keeps the prediction of images that are not flagged."""
         x = self._images(images)
         verdict, rec, shown = recover_batch(self.deployment, x, self._recovery)
-        return Recovered(self._verdicts(verdict), rec.top5[:, 0].clone(), rec.top5, rec.probs, shown.cpu())
+        verdicts, recovered = self._verdicts(verdict), rec.top5[:, 0].clone()
+        pipeline = torch.where(verdicts.adversarial, recovered, verdicts.labels)
+        return Recovered(verdicts, recovered, pipeline, rec.top5, rec.probs, shown.cpu())
 
     def explain(self, images: torch.Tensor | Sequence[str | os.PathLike], target: torch.Tensor | int | None = None,
                 exact: bool = True) -> MaskResult:

@@ -16,6 +16,10 @@ once, as :class:`advdetect.Guard` holds them), prints one JSON line:
 * ``faithfulness_fast`` / ``faithfulness_optimized``: share of held-out deletion masks whose perturbed
   image keeps at most 10% of the target probability; ``mask_abs_diff`` / ``mask_correlation``
   between predicted and optimised masks;
+* with ``--size224``, ``masks_per_second_224``: masks/s at 224 px with torchvision's resnet18 (random
+  weights, timing only), a mask network of the paper's mask shape vs the paper's 300-iteration optimisation;
+* with ``--adaptive``, ``adaptive_fast``: white-box PGD through the fast path (classifier margin +
+  fast detector score, no surrogate) on held-out correct clean images at eps 2, 4 and 8/255;
 * summary keys ``fast_latency_ms_batch1``, ``cost_ratio_batch256`` (fast verdict time / classifier
   forward time at batch 256, same run), ``auc_gap_max`` (largest optimised-minus-fast ROC-AUC).
 """
@@ -74,6 +78,12 @@ def main() -> None:
     parser.add_argument("--detector", required=True)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and images: under 10 minutes")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--adaptive", action="store_true",
+                        help="also attack the fast path white box (PGD through the mask network) at 2, 4, 8/255")
+    parser.add_argument("--adaptive-n", type=int, default=200)
+    parser.add_argument("--size224", action="store_true",
+                        help="also masks/s at 224 px with resnet18 (random weights): mask network vs optimised")
+    parser.add_argument("--adaptive-steps", type=int, default=40)
     args = parser.parse_args()
     torch.manual_seed(0)
     fast, exact = Guard.load(args.detector, device="cpu"), Guard.load(args.detector, device="cpu", exact=True)
@@ -136,7 +146,48 @@ def main() -> None:
         result["faithfulness_optimized"] = round(float(torch.cat(faith_opt).float().mean()), 4)
         result["mask_abs_diff"] = round(float(torch.cat(diffs).mean()), 4)
         result["mask_correlation"] = round(float(torch.cat(corrs).nanmean()), 4)
+    if args.adaptive:
+        result["adaptive_fast"] = adaptive_fast(fast, first, args)
+    if args.size224:
+        result["masks_per_second_224"] = masks_per_second_224(first.clean[:16], quick=args.quick)
     print(json.dumps(result))
+
+
+def masks_per_second_224(images: torch.Tensor, quick: bool) -> dict:
+    """Masks/s at 224 px with torchvision's resnet18 (random weights: timing only): an (untrained) mask network
+    of the paper's mask shape vs the optimised masks with the paper's settings, on CIFAR-10 images upsampled."""
+    from advdetect.masks import MaskConfig, MeaningfulPerturbation
+    from advdetect.masks.amortized import AmortizedMasks, mask_net_for
+    from advdetect.models import load_model
+
+    model = load_model("torchvision:resnet18")
+    config = MaskConfig.for_input_size(224)
+    x = torch.nn.functional.interpolate(images, size=224, mode="bilinear", align_corners=False).clamp(0, 1)
+    torch.manual_seed(0)
+    fast = AmortizedMasks(model, mask_net_for(model.info, config), config)
+    fast_ms = statistics.median(timed(lambda: fast.attribute(x), 3))
+    n_opt = 1 if quick else 2
+    start = time.perf_counter()
+    MeaningfulPerturbation(model, config).attribute(x[:n_opt])
+    opt_s = time.perf_counter() - start
+    return {"fast": round(len(x) / (fast_ms / 1000), 2), "optimized": round(n_opt / opt_s, 4),
+            "fast_batch": len(x), "optimized_images": n_opt, "optimized_iterations": config.iterations}
+
+
+def adaptive_fast(guard: Guard, split, args) -> dict:
+    """White-box PGD on the fast path (no surrogate) against held-out correct clean images, at each eps,
+    each eps also starting from the previous one's result; success = classifier wrong and fast detector passes."""
+    from advdetect.evaluation.adaptive import AdaptiveConfig, FastPathMaps, evaluate_adaptive
+
+    fast = guard.deployment.fast
+    x, y = split.clean[split.correct][:args.adaptive_n], split.labels[split.correct][:args.adaptive_n]
+    rows, previous = [], None
+    for eps in (2 / 255, 4 / 255, 8 / 255):
+        cfg = AdaptiveConfig(eps=eps, steps=args.adaptive_steps, restarts=1)
+        outcome, previous = evaluate_adaptive(guard.model, FastPathMaps(fast), fast.detector, fast.explainer.config,
+                                              x, y, cfg, init=previous, real_maps=lambda images: fast.maps(images)[0])
+        rows.append(outcome.to_dict())
+    return {"n": len(x), "steps": args.adaptive_steps, "sweep": rows}
 
 
 if __name__ == "__main__":

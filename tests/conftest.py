@@ -59,3 +59,27 @@ def quick_detector(tmp_path_factory) -> Path:
     det = MaskDetector(epochs=1, batch_size=32).fit(X, y)
     save_detector(out, det, load_model("cifar10-cnn").info.identity(), MaskConfig(iterations=10))
     return out
+
+
+@pytest.fixture(scope="session")
+def fast_quick_detector(quick_detector, tmp_path_factory) -> Path:
+    """The quick detector with a fast path (an untrained mask network, a detector fitted on random maps)."""
+    import shutil
+
+    from advdetect.detector import MaskDetector
+    from advdetect.fastpath import FastPath, save_fast_path
+    from advdetect.masks import MaskConfig
+    from advdetect.masks.amortized import AmortizedMasks, mask_net_for
+    from advdetect.models import load_model
+
+    out = tmp_path_factory.mktemp("fast-detector") / "det"
+    shutil.copytree(quick_detector, out)
+    model = load_model("cifar10-cnn")
+    torch.manual_seed(0)
+    config = MaskConfig(iterations=10)
+    net = mask_net_for(model.info, config)
+    gen = torch.Generator().manual_seed(1)
+    detector = MaskDetector(epochs=1, batch_size=32).fit(torch.rand(64, 1, 32, 32, generator=gen), torch.arange(64) % 2)
+    detector.calibrate(torch.rand(32, 1, 32, 32, generator=gen))
+    save_fast_path(out, FastPath(AmortizedMasks(model, net, config), detector), model.info.identity())
+    return out

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from advdetect import Guard
-from advdetect.detector import MaskDetector
 from advdetect.detector.inputs import maps_for_result
 from advdetect.errors import AdvDetectError
 from advdetect.fastpath import FastPath, load_fast_path, save_fast_path
@@ -24,27 +23,12 @@ pytestmark = needs_builtin
 CONFIG = MaskConfig(iterations=10)
 
 
-@pytest.fixture(scope="module")
-def fast_detector(quick_detector, tmp_path_factory):
-    """The quick detector with a fast path (an untrained mask network, a detector fitted on random maps)."""
-    out = tmp_path_factory.mktemp("fast-detector") / "det"
-    shutil.copytree(quick_detector, out)
-    model = load_model("cifar10-cnn")
-    torch.manual_seed(0)
-    net = mask_net_for(model.info, CONFIG)
-    gen = torch.Generator().manual_seed(1)
-    detector = MaskDetector(epochs=1, batch_size=32).fit(torch.rand(64, 1, 32, 32, generator=gen), torch.arange(64) % 2)
-    detector.calibrate(torch.rand(32, 1, 32, 32, generator=gen))
-    save_fast_path(out, FastPath(AmortizedMasks(model, net, CONFIG), detector), model.info.identity())
-    return out
-
-
 def batch(n: int = 6) -> torch.Tensor:
     return torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))
 
 
-def test_check_uses_the_fast_path_and_exact_the_optimised_masks(fast_detector):
-    guard = Guard.load(fast_detector, device="cpu")
+def test_check_uses_the_fast_path_and_exact_the_optimised_masks(fast_quick_detector):
+    guard = Guard.load(fast_quick_detector, device="cpu")
     x = batch()
     verdicts = guard.check(x)
     fast = guard.deployment.fast
@@ -53,7 +37,7 @@ def test_check_uses_the_fast_path_and_exact_the_optimised_masks(fast_detector):
     assert torch.equal(verdicts.adversarial, verdicts.scores > fast.detector.threshold_)
     assert verdicts.labels.tolist() == guard.model.predict(x).tolist()
     assert [r["label_index"] for r in verdicts.rows()] == verdicts.labels.tolist()
-    exact = Guard.load(fast_detector, device="cpu", exact=True)
+    exact = Guard.load(fast_quick_detector, device="cpu", exact=True)
     deployed = exact.deployment
     expected = deployed.detector.decision_function(
         maps_for_result(deployed.detector.input_names(), x, make_explainer(deployed.model, deployed.mask_config)
@@ -64,12 +48,14 @@ def test_check_uses_the_fast_path_and_exact_the_optimised_masks(fast_detector):
     assert recovered.top5.shape == (6, 5) and torch.equal(recovered.labels, recovered.top5[:, 0])
     flagged = recovered.verdicts.adversarial
     assert not (recovered.labels[flagged] == recovered.verdicts.labels[flagged]).any()  # ruled out
+    assert torch.equal(recovered.pipeline_labels[~flagged], recovered.verdicts.labels[~flagged])
+    assert torch.equal(recovered.pipeline_labels[flagged], recovered.labels[flagged])
     assert guard.explain(x[:2]).iterations.max() > 0 and guard.explain(x[:2], exact=False).masks.shape == (2, 1, 32, 32)
 
 
-def test_threads_share_a_guard(fast_detector):
+def test_threads_share_a_guard(fast_quick_detector):
     for exact in (False, True):
-        guard = Guard.load(fast_detector, device="cpu", exact=exact)
+        guard = Guard.load(fast_quick_detector, device="cpu", exact=exact)
         x = batch(4)
         serial = guard.check(x).scores
         results: list = [None] * 4
@@ -85,16 +71,16 @@ def test_threads_share_a_guard(fast_detector):
         assert all(r is not None and torch.allclose(r, serial, atol=1e-5) for r in results), exact
 
 
-def test_your_model_is_left_as_it_was(fast_detector):
+def test_your_model_is_left_as_it_was(fast_quick_detector):
     model = load_model("cifar10-cnn").train()
-    guard = Guard.load(fast_detector, model=model, device="cpu")
+    guard = Guard.load(fast_quick_detector, model=model, device="cpu")
     guard.check(batch(2))
     assert model.training and all(p.requires_grad for p in model.parameters())
     assert not guard.model.training and not any(p.requires_grad for p in guard.model.parameters())
 
 
-def test_bad_input_gets_one_clear_error(fast_detector, tmp_path):
-    guard = Guard.load(fast_detector, device="cpu")
+def test_bad_input_gets_one_clear_error(fast_quick_detector, tmp_path):
+    guard = Guard.load(fast_quick_detector, device="cpu")
     with pytest.raises(AdvDetectError, match="N x 3 x 32 x 32"):
         guard.check(torch.rand(2, 3, 16, 16))
     with pytest.raises(AdvDetectError, match=r"\[0, 1\]"):
@@ -107,14 +93,14 @@ def test_bad_input_gets_one_clear_error(fast_detector, tmp_path):
     assert len(guard.check([tmp_path / "a.png"]).labels) == 1 and len(guard.check(tmp_path / "a.png").labels) == 1
 
 
-def test_fast_path_of_another_model_is_refused(fast_detector, tmp_path):
+def test_fast_path_of_another_model_is_refused(fast_quick_detector, tmp_path):
     other = make_tiny_model()
     torch.manual_seed(0)
     out = tmp_path / "det"
-    shutil.copytree(fast_detector, out)
+    shutil.copytree(fast_quick_detector, out)
     shutil.rmtree(out / "fast")
     save_fast_path(out, FastPath(AmortizedMasks(other, mask_net_for(other.info, CONFIG), CONFIG),
-                                 Guard.load(fast_detector, device="cpu").deployment.fast.detector),
+                                 Guard.load(fast_quick_detector, device="cpu").deployment.fast.detector),
                    load_model("cifar10-cnn").info.identity())
     with pytest.raises(AdvDetectError, match="belongs to another model"):
         load_fast_path(out, load_model("cifar10-cnn"))

@@ -17,6 +17,7 @@ image scores under the calibrated threshold.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..detector import MaskDetector
-from ..detector.inputs import maps_for_result
+from ..detector.inputs import detector_maps, maps_for_result
 from ..device import seeded
 from ..errors import AdvDetectError, OptionError
+from ..fastpath import FastPath
 from ..masks import MaskConfig, make_explainer
 from ..models.wrapper import ModelWrapper, frozen
 from ..splits import Split
@@ -216,28 +218,57 @@ class AdaptiveResult:
         return asdict(self)
 
 
+class FastPathMaps(nn.Module):
+    """The fast path's maps as a differentiable function of the image (classifier -> mask network ->
+    perturbed classifier -> maps): a white-box attacker differentiates the real thing, no surrogate.
+    The only difference from :meth:`FastPath.maps`: the iteration share is not rounded to whole iterations."""
+
+    def __init__(self, fast: FastPath) -> None:
+        super().__init__()
+        self.explainer, self.inputs = fast.explainer, fast.detector.input_names()
+        self.model, self.net = fast.explainer.model, fast.explainer.net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        explainer = self.explainer
+        probs = self.model(x).float().softmax(1)
+        targets = probs.argmax(1)
+        low, share = explainer.predict(x, targets, probs)
+        masks = explainer.upsample(low, x.shape[-2:])
+        after = self.model(explainer.perturb(x, masks)).float().softmax(1)
+        pick = targets[:, None]
+        budget = explainer.config.iterations
+        return detector_maps(self.inputs, masks, images=x, prob_before=probs.gather(1, pick).squeeze(1),
+                             prob_after=after.gather(1, pick).squeeze(1), iterations=share * budget, budget=budget)
+
+
 def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,
                       images: torch.Tensor, labels: torch.Tensor, cfg: AdaptiveConfig,
-                      init: torch.Tensor | None = None) -> tuple[AdaptiveResult, torch.Tensor]:
+                      init: torch.Tensor | None = None,
+                      real_maps: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[AdaptiveResult,
+                                                                                             torch.Tensor]:
     """Run the adaptive attack on correctly classified ``images``, judge it on the real pipeline.
 
     The attacker knows the detector, so it may run the real pipeline (classifier, full mask
     optimisation, detector) on its candidates and keep, per image, one that succeeds there (the
     smallest perturbation first); failing that, a fooling one with the lowest real detector
     score; failing that, the lowest classifier margin. Returns the result and the chosen
-    adversarial images (pass them as ``init`` to warm-start a larger eps).
+    adversarial images (pass them as ``init`` to warm-start a larger eps). ``real_maps``: the
+    pipeline's maps of a batch (default: the optimised masks of ``mask_config``; the fast path's
+    for an attack on it).
     """
     candidates = adaptive_candidates(model, surrogate, detector, images, labels, cfg, init=init)
     device = model.device
     x0, y = images.to(device).float(), labels.to(device)
-    explainer = make_explainer(model, mask_config)
+    if real_maps is None:
+        explainer = make_explainer(model, mask_config)
+        real_maps = lambda x: maps_for_result(detector.input_names(), x, explainer.attribute(x))  # noqa: E731
     tiers, keys, preds, scores, sur_scores = [], [], [], [], []
     for x in candidates:
         logits = model.logits(x)
         margin = _margin(logits, y).cpu()
-        maps = maps_for_result(detector.input_names(), x, explainer.attribute(x)).cpu()
+        maps = real_maps(x).cpu()
         real = torch.as_tensor(detector.decision_function(maps)).float()
-        with torch.no_grad():
+        with torch.no_grad(), frozen(surrogate):
             sur_scores.append(torch.as_tensor(detector.decision_function(surrogate(x).cpu())).float())
         fooled, passes = margin < 0, real <= detector.threshold_
         tiers.append(torch.where(fooled & passes, 0, torch.where(fooled, 1, 2)))
@@ -258,8 +289,12 @@ def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskD
 
 
 def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, splits: list[Split], half: int,
-                 config: EvaluateConfig, progress: bool) -> dict[str, Any]:
-    """Surrogate fitted on the fit half's real masks; PGD on the eval half's correct clean images."""
+                 config: EvaluateConfig, progress: bool, fast: FastPath | None = None) -> dict[str, Any]:
+    """Surrogate fitted on the fit half's real masks; PGD on the eval half's correct clean images.
+
+    ``fast``: the detector's fast path, attacked too, white box (gradients through the mask network
+    itself), on the same images; its results go under ``"fast_path"``.
+    """
     first = splits[0]
     index = torch.arange(len(first.labels))
     fit = index < half
@@ -276,13 +311,37 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
                                            progress=progress)
     pool = ((index >= half) & first.correct).nonzero().flatten()[:config.adaptive_n]
     x, y = first.clean[pool], first.labels[pool]
+    result = {
+        "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style); "
+                  "candidates from random restarts and, for each eps, the previous eps's result (as it is and as a "
+                  "start); per image the attacker keeps a candidate that succeeds on the real pipeline (classifier, "
+                  "full mask optimisation, detector), the smallest perturbation first",
+        "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
+        "restarts": config.adaptive_restarts,
+        **_sweep(wrapper, surrogate, detector, mask_config, x, y, config, progress, None),
+    }
+    if fast is not None:
+        result["fast_path"] = {
+            "method": "PGD (L-inf) on classifier margin + the fast detector's score, white box: gradients through "
+                      "the classifier, the mask network and the perturbed classifier (no surrogate); candidates and "
+                      "choice as above, judged on the real fast path",
+            **_sweep(wrapper, FastPathMaps(fast), fast.detector, mask_config, x, y, config, progress,
+                     lambda images: fast.maps(images)[0])}
+    return result
+
+
+def _sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig, x: torch.Tensor,
+           y: torch.Tensor, config: EvaluateConfig, progress: bool,
+           real_maps: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any]:
+    """The eps sweep (each eps also restarting from the previous one's result), the more-iterations run
+    and the sanity checks, for one attacked pipeline."""
+    from tqdm.auto import tqdm
 
     def attack(eps: float, steps: int, restarts: int, init: torch.Tensor | None = None):
         settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed)
-        result, adv = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init)
+        result, adv = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init,
+                                        real_maps=real_maps)
         return result.to_dict(), adv
-
-    from tqdm.auto import tqdm
 
     # each eps also restarts from the previous (smaller) eps's result: a larger budget can't do worse
     sweep_results, previous = [], None
@@ -294,12 +353,7 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
     more, _ = attack(config.main_eps, 4 * config.adaptive_steps, config.adaptive_restarts)
     successes = [result["success"] for result in sweep_results]
     return {
-        "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style); "
-                  "candidates from random restarts and, for each eps, the previous eps's result (as it is and as a "
-                  "start); per image the attacker keeps a candidate that succeeds on the real pipeline (classifier, "
-                  "full mask optimisation, detector), the smallest perturbation first",
-        "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
-        "restarts": config.adaptive_restarts, "sweep": sweep_results,
+        "sweep": sweep_results,
         "more_iterations": {"steps": 4 * config.adaptive_steps, "eps": config.main_eps, "result": more,
                             "baseline_success": base["success"]},
         "sanity": {

@@ -125,14 +125,15 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
         return {"rank": ctx.rank, "out": str(out)}
     with single_process():
         return _report(detector_dir, out, config, wrapper, detector, meta, mask_config, recovery_masks_config,
-                       recovery, directories, timer, start_all, progress, data, record)
+                       recovery, directories, timer, start_all, progress, data, record, deployed.fast)
 
 
 def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: MaskDetector, meta: dict[str, Any],
             mask_config: MaskConfig, recovery_masks_config: MaskConfig, recovery: RecoveryConfig,
             directories: dict[str, tuple[Spec, Path]], timer: Timer, start_all: float,
-            progress: bool, data: DataSpec, record: dict[str, Any]) -> dict[str, Any]:
-    """Everything after the shared attack and mask stages, in one process: metrics, comparisons, report files."""
+            progress: bool, data: DataSpec, record: dict[str, Any], fast=None) -> dict[str, Any]:
+    """Everything after the shared attack and mask stages, in one process: metrics, comparisons, report files.
+    ``fast``: the detector's fast path, which the adaptive attacker attacks too."""
     splits = {key: load_split(directory, mask_config.kind, recovery_masks_config.kind, name=key,
                               inputs=detector.input_names())
               for key, (_, directory) in directories.items()}
@@ -166,7 +167,8 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
     adaptive = None
     if config.adaptive:
         with timer.stage("adaptive"):
-            adaptive = run_adaptive(wrapper, detector, mask_config, list(splits.values()), half, config, progress)
+            adaptive = run_adaptive(wrapper, detector, mask_config, list(splits.values()), half, config, progress,
+                                    fast=fast)
 
     shown = splits[main_specs(config)[0].key] if "bim" not in config.attacks else \
         splits[Spec("bim", config.main_eps).key]

@@ -214,6 +214,21 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
              "(should be about 0)", [Cell("adaptive|sanity|more_iterations_gain")]),
             ("surrogate fit: mean |mask error| on held-out pairs", [Cell("adaptive|surrogate|val_l1", dec)])],
             level=3), "adaptive"))
+        fast = adaptive.get("fast_path")
+        if fast:
+            more = fast["more_iterations"]
+            out.append((Table("Adaptive attack on the fast path", [
+                "eps", "success", "classifier fooled", "detected (of fooled)"],
+                [(f"{r['eps'] * 255:g}/255", [Cell(f"adaptive|fast_path|sweep|{i}|{k}") for k in
+                                             ("success", "fooled", "detected")]) for i, r in enumerate(fast["sweep"])],
+                note=f"{fast['method']}; the same images, steps and restarts. Success = the classifier is wrong and "
+                     "the fast detector (amortized masks), which `detect` uses, passes the image."), None))
+            out.append((Table("Sanity checks (fast path)", ["check", "value"], [
+                ("success at the largest eps (should be about 100%)",
+                 [Cell("adaptive|fast_path|sanity|success_at_largest_eps")]),
+                ("success grows with eps", [Cell("adaptive|fast_path|sanity|success_grows_with_eps", str)]),
+                (f"gain from {more['steps']} instead of {adaptive['steps']} steps at eps {more['eps'] * 255:g}/255 "
+                 "(should be about 0)", [Cell("adaptive|fast_path|sanity|more_iterations_gain")])], level=3), None))
     out.append((Table("Run", ["stage", "seconds"], [(k, [Cell(f"timings|{k}", str)]) for k in report["timings"]],
                       note="Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())), None))
     return out

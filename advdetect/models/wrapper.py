@@ -115,27 +115,28 @@ class ModelWrapper(nn.Module):
 @contextlib.contextmanager
 def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
     """Put ``module`` in eval mode for the block and restore each submodule's mode after."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
+    changed = [m for m in module.modules() if m.training]  # only these are restored (nothing to do if none)
+    if changed:
+        module.eval()
     try:
         yield module
     finally:
-        for m, training in modes:
-            m.training = training
+        for m in changed:
+            m.training = True
 
 
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[nn.Module]:
     """Eval mode and ``requires_grad=False`` on every parameter; both restored after."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
+    changed = [p for p in module.parameters() if p.requires_grad]  # only these are touched (and restored)
     with eval_mode(module):
-        for p, _ in flags:
+        for p in changed:
             p.requires_grad_(False)
         try:
             yield module
         finally:
-            for p, flag in flags:
-                p.requires_grad_(flag)
+            for p in changed:
+                p.requires_grad_(True)
 
 
 def as_tuple(values: Sequence[float] | float, n: int, what: str) -> tuple[float, ...]:

@@ -101,3 +101,34 @@ def test_sweep_and_config():
     with pytest.raises(ValueError, match="adaptive_n"):
         EvaluateConfig(n=20, adaptive_n=50)
     assert json_safe({"a": float("nan"), "b": (1.0, float("inf"))}) == {"a": None, "b": [1.0, None]}
+
+
+def test_white_box_attack_on_the_fast_path(tiny_model, tiny_images):
+    """The fast path is differentiable end to end: the attacker needs no surrogate, and what it is judged on
+    is the real fast path."""
+    from advdetect.evaluation.adaptive import FastPathMaps
+    from advdetect.fastpath import FastPath
+    from advdetect.masks.amortized import AmortizedMasks, mask_net_for
+
+    config = MaskConfig(iterations=20)
+    torch.manual_seed(0)
+    explainer = AmortizedMasks(tiny_model, mask_net_for(tiny_model.info, config, width=8), config)
+    gen = torch.Generator().manual_seed(2)
+    det = MaskDetector(epochs=2, batch_size=16, seed=0, inputs="masks,residual,confidence").fit(
+        torch.rand(64, 5, 32, 32, generator=gen), torch.arange(64) % 2)
+    det.calibrate(torch.rand(32, 5, 32, 32, generator=gen))
+    fast = FastPath(explainer, det)
+    x = tiny_images[:12]
+    y = tiny_model.predict(x)
+    maps, result = fast.maps(x)
+    differentiable = FastPathMaps(fast)(x)
+    assert torch.allclose(differentiable[:, :-1], maps[:, :-1], atol=1e-5)  # all but the (unrounded) iteration share
+    assert (differentiable[:, -1] - maps[:, -1]).abs().max() <= 0.5 / config.iterations + 1e-6
+    before = model_state(tiny_model)
+    outcome, adv = evaluate_adaptive(tiny_model, FastPathMaps(fast), det, config, x, y,
+                                     AdaptiveConfig(eps=32 / 255, steps=10, restarts=1),
+                                     real_maps=lambda images: fast.maps(images)[0])
+    assert model_state(tiny_model) == before and float((adv - x).abs().max()) <= 32 / 255 + 1e-6
+    passes = fast.scores(adv) <= det.threshold_
+    real = ((tiny_model.predict(adv) != y) & passes).float().mean()
+    assert outcome.success == pytest.approx(float(real)) and outcome.fooled > 0.5

@@ -23,10 +23,10 @@ pytestmark = [needs_shared, needs_builtin]
 
 
 @pytest.fixture(scope="module")
-def report_dir(quick_detector, tmp_path_factory):
+def report_dir(fast_quick_detector, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     result = CliRunner().invoke(main, [
-        "evaluate", "--detector", str(quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
+        "evaluate", "--detector", str(fast_quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
         "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "6", "--adaptive-eps", "8/255,32/255",
         "--adaptive-steps", "3", "--methods", "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA),
         "--json"])
@@ -90,6 +90,11 @@ def test_json_has_every_section(report_dir):
     assert [r["eps"] for r in ad["sweep"]] == pytest.approx([8 / 255, 32 / 255])
     assert ad["steps"] == 3 and ad["restarts"] == 1 and ad["more_iterations"]["steps"] == 12
     assert set(ad["sanity"]) == {"success_grows_with_eps", "success_at_largest_eps", "more_iterations_gain"}
+    fast = ad["fast_path"]  # the detector's fast path, attacked white box on the same images
+    assert [r["eps"] for r in fast["sweep"]] == pytest.approx([8 / 255, 32 / 255]) and set(fast["sanity"]) == set(
+        ad["sanity"]) and "no surrogate" in fast["method"]
+    assert all(r["n"] == ad["n_images"] for r in fast["sweep"])
+    assert "Adaptive attack on the fast path" in (out / "report.md").read_text()
     assert "NaN" not in (out / "report.json").read_text()  # strict JSON
     assert (out / "report.md").read_text().startswith("# Security evaluation")
 
