@@ -141,6 +141,7 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
+    from .splits import balanced
 
     settings = settings or MaskNetFit(seed=seed)
     pool = low_res_shape(tuple(model.info.input_size), config.upsample)
@@ -163,9 +164,8 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     maps, _ = fast.maps(data.images.to(device))
     maps = maps.cpu()
     clean = maps[data.usable & ~data.adversarial]
-    per = max(1, len(clean) // len(fit_dirs))
-    adv = [maps[data.usable & data.adversarial & (data.attack == i)] for i in range(len(fit_dirs))]
-    adv = torch.cat([a[torch.randperm(len(a), generator=gen)[:per]] for a in adv])
+    adv = balanced([maps[data.usable & data.adversarial & (data.attack == i)] for i in range(len(fit_dirs))],
+                   len(clean), seed)
     detector.fit(torch.cat([clean, adv]), torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))]))
     if calibration is not None:
         cal_maps, _ = fast.maps(calibration.images.to(device))

@@ -181,7 +181,7 @@ def iter_recoveries(paths: Sequence[str | os.PathLike], deployed: Deployment, fi
     A flagged image's prediction is ruled out of the recovered ranking (unless the detector's
     recovery settings say otherwise).
     """
-    wrapper, settings = deployed.model, deployed.recovery_config
+    wrapper = deployed.model
     explainers = recovery_explainers(deployed)
     files_all = find_images(paths)
     count = 0

@@ -212,6 +212,14 @@ def _residuals(reader: AttackSetReader, chunk: int = 512) -> dict[str, torch.Ten
     return {side: torch.cat(v) for side, v in parts.items()}
 
 
+def balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
+    """About ``total`` adversarial maps drawn equally from each attack's ``parts`` (all, if fewer): what a
+    detector fits on beside ``total`` clean maps."""
+    gen = torch.Generator().manual_seed(seed)
+    per = max(1, total // len(parts))
+    return torch.cat([p[torch.randperm(len(p), generator=gen)[:per]] for p in parts])
+
+
 def split_metrics(model, detector, split: Split, recovery_masks_config, recovery,
                   clean_scores: np.ndarray | None = None) -> dict[str, Any]:
     """Detection and recovery metrics of ``detector`` on one held-out split.

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -43,7 +44,7 @@ from .maskset import compute_mask_set
 from .models.wrapper import ModelWrapper
 from .recovery import RecoveryConfig
 from .sources import Selection
-from .splits import load_split, split_metrics
+from .splits import balanced, load_split, split_metrics
 from .storage import write_json
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         raise AdvDetectError(f"nothing to fit on: {len(fit_clean)} correctly classified clean images, "
                              f"{sum(len(a) for a in fit_adv)} successful attacks, {len(cal_clean)} calibration "
                              "images; check that the data's classes match the model's (see --classes) and use more images")
-    adv = _balanced(fit_adv, len(fit_clean), seed)
+    adv = balanced(fit_adv, len(fit_clean), seed)
     X = torch.cat([fit_clean, adv])
     y = torch.cat([torch.zeros(len(fit_clean)), torch.ones(len(adv))])
     detector.fit(X, y)
@@ -231,9 +232,12 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                              "n_train": n, "n_eval": n_eval, "calibrated_on": calibrate_on,
                              "n_calibration": report.n_calibration, "seed": seed, "data": report.data,
                              "images": records})  # evaluate refuses these fit and calibration images
-        if fast_path is not None:
-            from .fastpath import save_fast_path
+        from .fastpath import FAST_DIR, save_fast_path
 
+        if fast_path is None and (out / FAST_DIR).is_dir():  # an earlier detector's fast path would judge for this one
+            log.info("removing the fast path of an earlier detector in %s", out / FAST_DIR)
+            shutil.rmtree(out / FAST_DIR)
+        if fast_path is not None:
             save_fast_path(out, fast_path, model.info.identity(),
                            extra={"metrics": fast_rows, "mask_net_fit": {
                                "loss": fast_settings.loss, "epochs": fast_settings.epochs,
@@ -246,13 +250,6 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
 def fast_supported(config: MaskConfig) -> bool:
     """Whether a mask network can stand in for ``config``'s masks (meaningful deletion or preservation)."""
     return config.method == "meaningful" and config.game in ("delete", "preserve")
-
-
-def _balanced(parts: list[torch.Tensor], total: int, seed: int) -> torch.Tensor:
-    """About ``total`` adversarial masks drawn equally from each attack (all, if fewer)."""
-    gen = torch.Generator().manual_seed(seed)
-    per = max(1, total // len(parts))
-    return torch.cat([p[torch.randperm(len(p), generator=gen)[:per]] for p in parts])
 
 
 def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,

@@ -35,7 +35,7 @@ from advdetect.masks import MaskConfig  # noqa: E402
 from advdetect.masks.amortized import AmortizedMasks, mask_net_for  # noqa: E402
 from advdetect.masks.amortized_training import MaskNetFit, fit_mask_net  # noqa: E402
 from advdetect.models import load_model  # noqa: E402
-from advdetect.splits import load_mask_set, load_split  # noqa: E402
+from advdetect.splits import balanced, load_mask_set, load_split  # noqa: E402
 from advdetect.storage import ShardStore  # noqa: E402
 
 
@@ -55,9 +55,7 @@ def exact_maps(d: dict, side: str, inputs, budget: int) -> torch.Tensor:
 
 
 def fit_detector(clean: torch.Tensor, adv: list[torch.Tensor], cal: torch.Tensor, inputs, seed: int) -> MaskDetector:
-    gen = torch.Generator().manual_seed(seed)
-    per = max(1, len(clean) // len(adv))
-    adv_all = torch.cat([a[torch.randperm(len(a), generator=gen)[:per]] for a in adv])
+    adv_all = balanced(adv, len(clean), seed)
     X = torch.cat([clean, adv_all])
     y = torch.cat([torch.zeros(len(clean)), torch.ones(len(adv_all))])
     return MaskDetector(seed=seed, inputs=",".join(inputs)).fit(X, y).calibrate(cal)

@@ -117,6 +117,22 @@ def test_detect_and_recover(detector_dir, tmp_path):
     assert bad.exit_code == 2 and "magic" in bad.output
 
 
+def test_retraining_without_the_fast_path_removes_the_old_one(detector_dir, tmp_path):
+    """An earlier detector's fast path must not judge for a detector retrained without one."""
+    import shutil
+
+    out = tmp_path / "det"
+    shutil.copytree(detector_dir[0], out)
+    result = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
+                 str(SHARED_DATA), "--transfer", "fgsm", "--json", "--no-fast", *FAST_MASKS)
+    assert result.exit_code == 0, result.output
+    assert last_json(result)["fast"] is None and not (out / "fast").exists()
+    data = load_attack_set(out / "work" / "test-bim")
+    save_image(data.adv[0], tmp_path / "adv.png")
+    row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
+    assert row["path"] == "exact"
+
+
 def test_detector_for_another_model_is_refused(detector_dir, tmp_path):
     out, _ = detector_dir
     img = tmp_path / "x.png"
