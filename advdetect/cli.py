@@ -396,13 +396,17 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
                    "on its maps (`detect` uses it; --exact there forces optimised masks).")
 @click.option("--fast-epochs", default=30, show_default=True, type=click.IntRange(min=1),
               help="Epochs of the fast path's mask network.")
+@click.option("--adaptive-rounds", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Harden the fast path's detector: rounds of adversarial training against the white-box adaptive "
+                   "attacker (each attacks the fitting images at 2, 4 and 8/255 and refits on what fooled the "
+                   "classifier).")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
-          fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, device: str, seed: int,
-          as_json: bool, **options: Any) -> None:
+          fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, adaptive_rounds: int,
+          device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -413,7 +417,8 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        mask_config=mask_config(seed, **pop_mask_options(options)), data=data, seed=seed,
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
-                       n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs)
+                       n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs,
+                       adaptive_rounds=adaptive_rounds)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -439,6 +444,9 @@ def render_train(r: dict[str, Any]) -> str:
         lines.append("fast path (amortized masks; `detect` uses it): " + "; ".join(
             f"{name} ROC-AUC {m['roc_auc']:.3f}, TPR {pct(m['tpr_at_5fpr'])} at 5% FPR"
             for name, m in r["fast"]["metrics"].items()))
+    for entry in ((r.get("fast") or {}).get("hardening") or {}).get("history", []):
+        lines.append(f"hardening round {entry['round']}: the white-box attack fooled classifier and fast detector on "
+                     f"{pct(entry['success_before_refit'])} of {entry['attacked']} fitting images before the refit")
     return "\n".join(lines)
 
 

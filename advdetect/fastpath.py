@@ -133,15 +133,16 @@ def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int],
 
 def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetector, fit_dirs: Sequence[Path],
                     fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
-                    settings: Any = None, seed: int = 0, progress: bool = False) -> FastPath:
+                    settings: Any = None, seed: int = 0, progress: bool = False,
+                    hardening: Any = None) -> FastPath:
     """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
     ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
     on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
-    clean images of ``calibration``."""
+    clean images of ``calibration``. ``hardening`` (a :class:`~advdetect.hardening.HardeningConfig`):
+    then adversarially train that detector against the white-box adaptive attacker."""
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
-    from .splits import balanced
 
     settings = settings or MaskNetFit(seed=seed)
     pool = low_res_shape(tuple(model.info.input_size), config.upsample)
@@ -163,14 +164,37 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     fast = FastPath(AmortizedMasks(model, net, config), detector)
     maps, _ = fast.maps(data.images.to(device))
     maps = maps.cpu()
-    clean = maps[data.usable & ~data.adversarial]
-    adv = balanced([maps[data.usable & data.adversarial & (data.attack == i)] for i in range(len(fit_dirs))],
-                   len(clean), seed)
-    detector.fit(torch.cat([clean, adv]), torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))]))
+    clean = data.usable & ~data.adversarial
+    adv_sets = [maps[data.usable & data.adversarial & (data.attack == i)] for i in range(len(fit_dirs))]
+    cal_maps = None
     if calibration is not None:
         cal_maps, _ = fast.maps(calibration.images.to(device))
-        detector.calibrate(cal_maps.cpu()[calibration.usable])
+        cal_maps = cal_maps.cpu()[calibration.usable]
+    fit_fast_detector(detector, maps[clean], adv_sets, cal_maps, seed)
+    if hardening is not None and hardening.rounds:
+        from .hardening import harden_fast_path
+
+        fast = harden_fast_path(fast, data.images[clean], maps[clean], adv_sets, cal_maps, hardening, progress)
     return fast
+
+
+def fit_fast_detector(detector: MaskDetector, clean: torch.Tensor, adv_sets: Sequence[torch.Tensor],
+                      calibration: torch.Tensor | None, seed: int, adaptive: torch.Tensor | None = None,
+                      adaptive_share: float = 0.5) -> MaskDetector:
+    """Fit ``detector`` on clean maps against as many adversarial ones: drawn equally from ``adv_sets``,
+    and, when ``adaptive`` maps are given, ``adaptive_share`` of them from those; calibrate it on
+    ``calibration`` (clean maps of images it never fitted on). Returns it."""
+    from .splits import balanced
+
+    n_adaptive = 0 if adaptive is None else min(len(adaptive), round(len(clean) * adaptive_share))
+    adv = balanced(list(adv_sets), len(clean) - n_adaptive, seed)
+    if n_adaptive:
+        gen = torch.Generator().manual_seed(seed + 1)
+        adv = torch.cat([adv, adaptive[torch.randperm(len(adaptive), generator=gen)[:n_adaptive]]])
+    detector.fit(torch.cat([clean, adv]), torch.cat([torch.zeros(len(clean)), torch.ones(len(adv))]))
+    if calibration is not None:
+        detector.calibrate(calibration)
+    return detector
 
 
 def fast_metrics(fast: FastPath, clean: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:

@@ -109,13 +109,14 @@ class Guard:
         return Recovered(verdicts, recovered, pipeline, rec.top5, rec.probs, shown.cpu())
 
     def explain(self, images: torch.Tensor | Sequence[str | os.PathLike], target: torch.Tensor | int | None = None,
-                exact: bool = True) -> MaskResult:
+                exact: bool = True, refine: int = 0) -> MaskResult:
         """Masks explaining ``target`` (default: the prediction) with the detector's mask settings: optimised,
-        or with ``exact=False`` the fast path's amortized masks (one pass; less faithful)."""
+        or with ``exact=False`` the fast path's amortized masks (one pass; less faithful), refined by
+        ``refine`` iterations of the optimisation when asked."""
         x = self._images(images)
         fast = self.deployment.fast
         if not exact and fast is not None:
-            return fast.explainer.attribute(x, target=target)
+            return fast.explainer.attribute(x, target=target, refine=refine)
         return self._explain.attribute(x, target=target)
 
     def _verdicts(self, j: Any) -> Verdicts:

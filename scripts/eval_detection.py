@@ -15,7 +15,8 @@ other training attacks (``--attack bim,fgsm``) and under ``transfer`` for each o
 ``fpr_per_class`` / ``max_class_fpr`` the held-out clean images flagged per class, and with
 ``--leave-one-out`` ``leave_one_out`` (per training attack X: a detector fitted on the others,
 tested on X) and ``min_leave_one_out_roc_auc``; ``fast`` the fast path's rows (amortized masks; not
-with ``--no-fast``) and ``fast_auc_gap_max``, its largest ROC-AUC shortfall behind the optimised masks.
+with ``--no-fast``) and ``fast_auc_gap_max``, its largest ROC-AUC shortfall behind the optimised masks;
+``fast_hardening`` what ``--adaptive-rounds`` did (per round: the attack's success on the fitting images).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ def main() -> None:
                    help="also fit, for each training attack X, a detector on the others and test it on X "
                         "(reuses this run's attack and mask sets)")
     p.add_argument("--no-fast", action="store_true", help="do not train the fast path (amortized masks)")
+    p.add_argument("--adaptive-rounds", type=int, default=0,
+                   help="harden the fast detector: rounds of adversarial training against the white-box adaptive "
+                        "attacker (see advdetect/hardening.py)")
     args = p.parse_args()
     settings = dict(model=args.model, eps=args.eps, n=args.n, n_eval=args.n_eval, seed=args.seed,
                     data=DataSpec(path=args.data, data_dir=args.data_dir), device=args.device,
@@ -72,7 +76,7 @@ def main() -> None:
                     n_calibration=args.n_calibration, fpr=args.fpr, inputs=args.inputs)
     fast = not args.no_fast
     report = run_train(attack=args.attack, out=args.out, transfer=args.transfer or None, fast=fast,
-                       **settings).to_dict()
+                       adaptive_rounds=args.adaptive_rounds, **settings).to_dict()
     metrics = report["metrics"]
     trained = [a.strip() for a in args.attack.split(",") if a.strip()]
     main_attack = trained[0]
@@ -90,6 +94,7 @@ def main() -> None:
         result["fast"] = {name: {k: m[k] for k in ("roc_auc", "tpr_at_5fpr", "tpr_at_1fpr", "fpr_at_threshold",
                                                    "tpr_at_threshold")} for name, m in report["fast"]["metrics"].items()}
         result["fast_auc_gap_max"] = max(metrics[n]["roc_auc"] - m["roc_auc"] for n, m in result["fast"].items())
+        result["fast_hardening"] = report["fast"].get("hardening")
     if args.leave_one_out and len(trained) > 1:
         result["leave_one_out"] = {}
         for left_out in trained:

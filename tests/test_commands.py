@@ -117,6 +117,25 @@ def test_detect_and_recover(detector_dir, tmp_path):
     assert bad.exit_code == 2 and "magic" in bad.output
 
 
+def test_adaptive_rounds_harden_the_fast_detector(detector_dir, tmp_path):
+    """--adaptive-rounds refits the fast detector on white-box adaptive images (finished stages reused)."""
+    import shutil
+
+    out = tmp_path / "det"
+    shutil.copytree(detector_dir[0], out)
+    args = ["train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
+            str(SHARED_DATA), "--fast-epochs", "3", *FAST_MASKS]
+    result = run(*args, "--adaptive-rounds", "1", "--json")
+    assert result.exit_code == 0, result.output
+    hardening = last_json(result)["fast"]["hardening"]
+    entry, = hardening["history"]
+    assert hardening["rounds"] == 1 and entry["attacked"] > 50 and 0 <= entry["success_before_refit"] <= 1
+    assert entry["adaptive_maps"] > 0
+    assert json.loads((out / "fast" / "detector.json").read_text())["hardening"]["rounds"] == 1
+    refused = run(*args, "--adaptive-rounds", "1", "--no-fast")
+    assert refused.exit_code == 2 and "fast path" in refused.output and "Traceback" not in refused.output
+
+
 def test_retraining_without_the_fast_path_removes_the_old_one(detector_dir, tmp_path):
     """An earlier detector's fast path must not judge for a detector retrained without one."""
     import shutil

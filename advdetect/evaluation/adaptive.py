@@ -318,19 +318,19 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
                   "full mask optimisation, detector), the smallest perturbation first",
         "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
         "restarts": config.adaptive_restarts,
-        **_sweep(wrapper, surrogate, detector, mask_config, x, y, config, progress, None),
+        **adaptive_sweep(wrapper, surrogate, detector, mask_config, x, y, config, progress, None),
     }
     if fast is not None:
         result["fast_path"] = {
             "method": "PGD (L-inf) on classifier margin + the fast detector's score, white box: gradients through "
                       "the classifier, the mask network and the perturbed classifier (no surrogate); candidates and "
                       "choice as above, judged on the real fast path",
-            **_sweep(wrapper, FastPathMaps(fast), fast.detector, mask_config, x, y, config, progress,
+            **adaptive_sweep(wrapper, FastPathMaps(fast), fast.detector, mask_config, x, y, config, progress,
                      lambda images: fast.maps(images)[0])}
     return result
 
 
-def _sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig, x: torch.Tensor,
+def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig, x: torch.Tensor,
            y: torch.Tensor, config: EvaluateConfig, progress: bool,
            real_maps: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any]:
     """The eps sweep (each eps also restarting from the previous one's result), the more-iterations run

@@ -97,23 +97,40 @@ class AmortizedMasks:
         self.model, self.net, self.config = model, net, config
 
     def attribute(self, images: torch.Tensor, target: torch.Tensor | int | None = None, progress: bool = False,
-                  probs: torch.Tensor | None = None) -> MaskResult:
+                  probs: torch.Tensor | None = None, refine: int = 0) -> MaskResult:
         """Masks for ``images`` explaining ``target`` (default: the top prediction).
 
         ``probs``: the classifier's softmax on ``images`` when already computed (saves a pass).
+        ``refine``: that many iterations of the mask optimisation (``config``'s, without early
+        stopping) starting from the predicted masks; the result's ``iterations`` are then those.
         """
+        if refine < 0:
+            raise ValueError(f"refine must be 0 or more iterations, got {refine}")
         images = check_images(images)
         with torch.no_grad(), frozen(self.model), frozen(self.net):
             if probs is None:
                 probs = self.model(images).float().softmax(1)
             targets = resolve_targets(probs, target)
             low, share = self.predict(images, targets, probs)
+            if refine:
+                return self.refine(images, targets, low, refine, progress)
             masks = self.upsample(low, images.shape[-2:])
             after = self.model(self.perturb(images, masks)).float().softmax(1)
         pick = targets[:, None]
         iterations = (share * self.config.iterations).round().long()
         return MaskResult(masks, targets, probs.gather(1, pick).squeeze(1), after.gather(1, pick).squeeze(1),
                           iterations, self.config)
+
+    def refine(self, images: torch.Tensor, targets: torch.Tensor, low: torch.Tensor, iterations: int,
+               progress: bool = False) -> MaskResult:
+        """``iterations`` steps of the optimised masks' loop from the low-resolution masks ``low``."""
+        from .meaningful import MeaningfulPerturbation
+
+        config = self.config.replace(iterations=iterations, early_stop=False,
+                                     check_every=min(self.config.check_every, iterations))
+        with torch.enable_grad():
+            return MeaningfulPerturbation(self.model, config).attribute(images, target=targets, progress=progress,
+                                                                        init=low)
 
     def predict(self, images: torch.Tensor, targets: torch.Tensor,
                 probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -85,18 +85,25 @@ class MeaningfulPerturbation:
         return self.config.batch_size or DEFAULT_BATCH.get(device.type, 64)
 
     def attribute(self, images: torch.Tensor, target: torch.Tensor | int | None = None,
-                  progress: bool = False) -> MaskResult:
+                  progress: bool = False, init: torch.Tensor | None = None) -> MaskResult:
         """Masks for ``images`` (N x C x H x W in [0, 1]) explaining ``target``.
 
-        ``target`` defaults to the model's top prediction for each image.
+        ``target`` defaults to the model's top prediction for each image. ``init``: low-resolution
+        masks (N x 1 x ceil(H / upsample) x ceil(W / upsample), in [0, 1]) to start from instead of
+        the game's constant (1 for deletion, 0.5 for preservation), e.g. an amortized mask network's.
         """
         images = check_images(images)
+        if init is not None:
+            want = (images.shape[0], 1, *low_res_shape(tuple(images.shape[-2:]), self.config.upsample))
+            if tuple(init.shape) != want:
+                raise ValueError(f"init masks must be {want} (low resolution), got {tuple(init.shape)}")
+            init = init.detach().to(images.device, images.dtype).clamp(0, 1)
         device = images.device
         param = next(iter(self.model.parameters()), None)
         if param is not None and param.device != device:
             raise ValueError(f"model is on {param.device} but images are on {device}; move one of them")
         with frozen(self.model):
-            return self._run(images, target, progress)
+            return self._run(images, target, progress, init)
 
     # -- internals -----------------------------------------------------------------------
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,7 +118,8 @@ class MeaningfulPerturbation:
                for s in range(0, x.shape[0], batch)]
         return torch.cat(out) if out else torch.empty(0, device=x.device)
 
-    def _run(self, images: torch.Tensor, target: torch.Tensor | int | None, progress: bool) -> MaskResult:
+    def _run(self, images: torch.Tensor, target: torch.Tensor | int | None, progress: bool,
+             start: torch.Tensor | None = None) -> MaskResult:
         from tqdm.auto import tqdm
 
         cfg = self.config
@@ -139,7 +147,8 @@ class MeaningfulPerturbation:
             if room > 0 and next_image < n:
                 take = torch.arange(next_image, min(n, next_image + room), device=device)
                 next_image += len(take)
-                fresh = self._admit(images, targets, prob_before, take, (lh, lw), init)
+                fresh = self._admit(images, targets, prob_before, take, (lh, lw),
+                                    init if start is None else start[take])
                 active = fresh if active is None else ActiveBatch.concat([active, fresh])
             if active is None or len(active) == 0:
                 break
@@ -215,10 +224,10 @@ class MeaningfulPerturbation:
         return out_of_steps | ((a.t >= cfg.min_iterations) & (moved < cfg.tol) & goal)
 
     def _admit(self, images: torch.Tensor, targets: torch.Tensor, prob_before: torch.Tensor, take: torch.Tensor,
-               low: tuple[int, int], init: float) -> ActiveBatch:
+               low: tuple[int, int], init: float | torch.Tensor) -> ActiveBatch:
         x = images[take]
         k = len(take)
-        mask = torch.full((k, 1, *low), init, device=images.device)
+        mask = init.clone() if isinstance(init, torch.Tensor) else torch.full((k, 1, *low), init, device=images.device)
         zeros = torch.zeros_like(mask)
         p0 = prob_before[take]
         log_floor = floor_score(p0, self.config.floor, self.config.score)

@@ -113,3 +113,36 @@ def test_save_load_round_trip_and_damaged_files(tmp_path):
         load_mask_net(tmp_path)
     with pytest.raises(AdvDetectError, match="no mask network"):
         load_mask_net(tmp_path / "nothing")
+
+
+def test_a_warm_start_from_the_constant_is_the_plain_optimisation():
+    model = make_tiny_model()
+    x = images(4, seed=5)
+    plain = MeaningfulPerturbation(model, CONFIG).attribute(x)
+    ones = torch.ones(4, 1, 8, 8)  # deletion starts from 1 everywhere
+    warm = MeaningfulPerturbation(model, CONFIG).attribute(x, init=ones)
+    assert torch.equal(plain.masks, warm.masks) and torch.equal(plain.iterations, warm.iterations)
+    with pytest.raises(ValueError, match="low resolution"):
+        MeaningfulPerturbation(model, CONFIG).attribute(x, init=torch.ones(4, 1, 16, 16))
+
+
+def test_refinement_starts_from_the_predicted_masks():
+    model = make_tiny_model()
+    torch.manual_seed(0)
+    net = mask_net_for(model.info, CONFIG)
+    explainer = AmortizedMasks(model, net, CONFIG)
+    x = images(5, seed=6)
+    predicted = explainer.attribute(x)
+    refined = explainer.attribute(x, refine=15)
+    assert refined.iterations.tolist() == [15] * 5 and torch.equal(refined.targets, predicted.targets)
+    probs = model(x).softmax(1)
+    low, _ = explainer.predict(x, predicted.targets, probs)
+    by_hand = MeaningfulPerturbation(model, CONFIG.replace(iterations=15, early_stop=False, check_every=10)).attribute(
+        x, target=predicted.targets, init=low)
+    assert torch.allclose(refined.masks, by_hand.masks, atol=1e-6)
+    alone = explainer.attribute(x[2:3], refine=15)  # each image's refinement is its own
+    assert torch.allclose(alone.masks, refined.masks[2:3], atol=1e-5)
+    assert not torch.allclose(refined.masks, predicted.masks, atol=1e-3)
+    assert (refined.deletion_ratio <= predicted.deletion_ratio + 1e-6).float().mean() >= 0.6
+    with pytest.raises(ValueError, match="refine"):
+        explainer.attribute(x, refine=-1)

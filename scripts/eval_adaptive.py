@@ -1,0 +1,76 @@
+"""The white-box adaptive attack on a detector's fast path, on many held-out images, with its sanity checks.
+
+    python scripts/eval_adaptive.py --detector runs/mix-delete-800 --n 600
+    python scripts/eval_adaptive.py --detector runs/mix-hard-800 --n 600 --restarts 2
+
+The attacker knows the classifier, the mask network, the fast detector and its threshold, and
+differentiates all of them (PGD on the classifier's margin + the detector's score, no surrogate;
+:func:`advdetect.evaluation.adaptive.adaptive_sweep`, what ``advdetect evaluate`` runs on the fast
+path). It attacks the correctly classified ones of ``--n`` test images of the detector's data taken
+after ``--offset`` in a seeded order, checked to be none the detector was fitted or calibrated on.
+Prints one JSON line: per eps the share of images that fool classifier and detector together
+(``success``), that fool the classifier (``fooled``) and the share of those the detector flags; the
+4x-steps run at the largest eps; the sanity checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from advdetect.data import DataSpec, images_for, shared_images  # noqa: E402
+from advdetect.evaluation.adaptive import FastPathMaps, adaptive_sweep  # noqa: E402
+from advdetect.evaluation.config import EvaluateConfig, parse_eps_list  # noqa: E402
+from advdetect.evaluation.guard import reserved_images  # noqa: E402
+from advdetect.inference import load_deployment  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--detector", required=True, help="a detector directory with a fast path")
+    parser.add_argument("--data-dir", default=None, help="where CIFAR-10 lives (e.g. ../shared/data)")
+    parser.add_argument("--n", type=int, default=600, help="test images (the correctly classified ones are attacked)")
+    parser.add_argument("--offset", type=int, default=2000, help="skip this many images of the seeded test order")
+    parser.add_argument("--eps", default="2/255,4/255,8/255,16/255")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    start = time.time()
+    deployed = load_deployment(args.detector, device=args.device)
+    if deployed.fast is None:
+        sys.exit(f"{args.detector}: no fast path to attack (train with --fast)")
+    model, fast = deployed.model, deployed.fast
+    recorded = deployed.meta.get("data")
+    data = DataSpec.recorded(recorded, *(() if args.data_dir is None else (None, args.data_dir, None)))
+    images = images_for(model.info, data, "test", args.n, args.seed + 1, offset=args.offset)
+    overlap = shared_images(reserved_images(deployed.meta), images.identify())
+    if overlap:
+        sys.exit(f"{len(overlap)} of these images fitted or calibrated the detector; raise --offset")
+    x, labels, _ = images.load()
+    correct = model.logits(x).argmax(1).cpu() == labels
+    x, labels = x[correct], labels[correct]
+    eps = parse_eps_list(args.eps)
+    config = EvaluateConfig(eps=(max(eps),), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0, adaptive_n=len(x), adaptive_eps=eps,
+                            adaptive_steps=args.steps, adaptive_restarts=args.restarts, seed=args.seed)
+    fast_meta = json.loads((Path(args.detector) / "fast" / "detector.json").read_text())
+    with torch.no_grad():
+        clean_scores = fast.scores(x.to(model.device)).cpu()
+    result = adaptive_sweep(model, FastPathMaps(fast), fast.detector, fast.explainer.config, x, labels, config,
+                            sys.stderr.isatty(), lambda batch: fast.maps(batch)[0])
+    print(json.dumps({"detector": args.detector, "n_images": int(len(x)), "n_test_images": args.n,
+                      "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
+                      "clean_flagged": float((clean_scores > fast.detector.threshold_).float().mean()),
+                      "hardening": fast_meta.get("hardening"), **result, "seconds": round(time.time() - start, 1)}))
+
+
+if __name__ == "__main__":
+    main()
