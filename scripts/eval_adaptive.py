@@ -10,7 +10,7 @@ path). It attacks the correctly classified ones of ``--n`` test images of the de
 after ``--offset`` in a seeded order, checked to be none the detector was fitted or calibrated on.
 Prints one JSON line: per eps the share of images that fool classifier and detector together
 (``success``), that fool the classifier (``fooled``) and the share of those the detector flags; the
-4x-steps run at the largest eps; the sanity checks.
+4x-steps run at ``--check-eps`` (unless ``--no-iterations-check``); the sanity checks.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--eps", default="2/255,4/255,8/255,16/255")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--check-eps", default="8/255", help="eps of the 4x-steps sanity check")
+    parser.add_argument("--no-iterations-check", action="store_true", help="skip the 4x-steps sanity check")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -59,13 +61,14 @@ def main() -> None:
     correct = model.logits(x).argmax(1).cpu() == labels
     x, labels = x[correct], labels[correct]
     eps = parse_eps_list(args.eps)
-    config = EvaluateConfig(eps=(max(eps),), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0, adaptive_n=len(x), adaptive_eps=eps,
+    config = EvaluateConfig(eps=parse_eps_list(args.check_eps), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0, adaptive_n=len(x), adaptive_eps=eps,
                             adaptive_steps=args.steps, adaptive_restarts=args.restarts, seed=args.seed)
     fast_meta = json.loads((Path(args.detector) / "fast" / "detector.json").read_text())
     with torch.no_grad():
         clean_scores = fast.scores(x.to(model.device)).cpu()
     result = adaptive_sweep(model, FastPathMaps(fast), fast.detector, fast.explainer.config, x, labels, config,
-                            sys.stderr.isatty(), lambda batch: fast.maps(batch)[0])
+                            sys.stderr.isatty(), lambda batch: fast.maps(batch)[0],
+                            iterations_check=not args.no_iterations_check)
     print(json.dumps({"detector": args.detector, "n_images": int(len(x)), "n_test_images": args.n,
                       "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
                       "clean_flagged": float((clean_scores > fast.detector.threshold_).float().mean()),

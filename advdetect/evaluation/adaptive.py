@@ -332,9 +332,10 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
 
 def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig, x: torch.Tensor,
            y: torch.Tensor, config: EvaluateConfig, progress: bool,
-           real_maps: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any]:
+           real_maps: Callable[[torch.Tensor], torch.Tensor] | None, iterations_check: bool = True) -> dict[str, Any]:
     """The eps sweep (each eps also restarting from the previous one's result), the more-iterations run
-    and the sanity checks, for one attacked pipeline."""
+    (unless ``iterations_check`` is False: then ``more_iterations`` is None) and the sanity checks, for one
+    attacked pipeline."""
     from tqdm.auto import tqdm
 
     def attack(eps: float, steps: int, restarts: int, init: torch.Tensor | None = None):
@@ -348,17 +349,14 @@ def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_c
     for eps in tqdm(sorted(config.adaptive_eps), desc="adaptive", unit="eps", disable=not progress, leave=False):
         result, previous = attack(eps, config.adaptive_steps, config.adaptive_restarts, init=previous)
         sweep_results.append(result)
-    # iterations check at the main eps, both runs from random starts only
-    base, _ = attack(config.main_eps, config.adaptive_steps, config.adaptive_restarts)
-    more, _ = attack(config.main_eps, 4 * config.adaptive_steps, config.adaptive_restarts)
     successes = [result["success"] for result in sweep_results]
-    return {
-        "sweep": sweep_results,
-        "more_iterations": {"steps": 4 * config.adaptive_steps, "eps": config.main_eps, "result": more,
-                            "baseline_success": base["success"]},
-        "sanity": {
-            "success_grows_with_eps": all(later >= earlier - 0.02 for earlier, later in zip(successes, successes[1:])),
-            "success_at_largest_eps": successes[-1],
-            "more_iterations_gain": more["success"] - base["success"],
-        },
-    }
+    sanity = {"success_grows_with_eps": all(later >= earlier - 0.02 for earlier, later in zip(successes, successes[1:])),
+              "success_at_largest_eps": successes[-1], "more_iterations_gain": None}
+    more_iterations = None
+    if iterations_check:  # at the main eps, both runs from random starts only
+        base, _ = attack(config.main_eps, config.adaptive_steps, config.adaptive_restarts)
+        more, _ = attack(config.main_eps, 4 * config.adaptive_steps, config.adaptive_restarts)
+        more_iterations = {"steps": 4 * config.adaptive_steps, "eps": config.main_eps, "result": more,
+                           "baseline_success": base["success"]}
+        sanity["more_iterations_gain"] = more["success"] - base["success"]
+    return {"sweep": sweep_results, "more_iterations": more_iterations, "sanity": sanity}
