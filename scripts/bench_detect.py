@@ -10,6 +10,9 @@ once, as :class:`advdetect.Guard` holds them), prints one JSON line:
 * ``latency_ms``: p50 / p95 at batch 1 and ``images_per_second`` at batch 256 for the classifier's
   forward pass, the fast path's whole verdict (classifier + mask network + perturbed forward +
   detector) and the optimised path's whole verdict;
+* ``fast_parts_ms_batch1``: p50 at batch 1 of each part of a fast verdict run alone (classifier
+  forward, mask network, upsampling + blur perturbation, the residual plane, the detector network):
+  where the time goes (the classifier runs twice: on the image and on the image perturbed by the mask);
 * ``detection``: per attack, ROC-AUC and TPR at 5% FPR of both paths on the same held-out images
   (the optimised path's maps are the stored held-out masks, which are what it computes), and the
   share of held-out clean images each path flags at its own calibrated threshold;
@@ -65,6 +68,23 @@ def latency(fn, images: torch.Tensor, repeats1: int, repeats256: int) -> dict[st
             "images_per_second_batch256": round(len(images) / (statistics.median(many) / 1000), 1)}
 
 
+def fast_parts(guard: Guard, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """p50 ms of each part of a fast verdict on the batch ``x``, each run alone."""
+    from advdetect.detector.inputs import residual_map
+
+    explainer, model = guard.deployment.fast.explainer, guard.model
+    network = guard.deployment.judge._fitted()
+    with torch.no_grad():
+        probs = model(x).softmax(1)
+        targets = probs.argmax(1)
+        low, _ = explainer.predict(x, targets, probs)
+        maps, _ = guard.deployment.fast.maps(x, probs=probs)
+        parts = {"classifier": lambda: model(x), "mask_network": lambda: explainer.net(x, targets, probs),
+                 "perturbation": lambda: explainer.perturb(x, explainer.upsample(low, x.shape[-2:])),
+                 "residual_plane": lambda: residual_map(x), "detector_network": lambda: network(maps)}
+        return {name: round(statistics.median(timed(fn, repeats)), 3) for name, fn in parts.items()}
+
+
 def auc_row(clean: np.ndarray, adv: np.ndarray, threshold: float) -> dict[str, float]:
     from sklearn.metrics import roc_auc_score
 
@@ -110,6 +130,7 @@ def main() -> None:
     reps = (20, 3) if args.quick else (100, 10)
     result["latency"]["classifier"] = latency(lambda x: model.logits(x), images, *reps)
     result["latency"]["fast"] = latency(lambda x: fast.check(x), images, *reps)
+    result["fast_parts_ms_batch1"] = fast_parts(fast, images[:1], reps[0])
     exact_images = images[:32] if args.quick else images  # the optimised path: seconds per batch
     exact_lat = latency(lambda x: exact.check(x), exact_images, 3 if args.quick else 10, 1)
     exact_lat["batch"] = len(exact_images)

@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--inputs", default="masks,residual,confidence")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--goal", type=float, default=None,
+                        help="train the objective's class term down to GOAL x the original probability (default: "
+                             "the optimiser's stopping ratio, 0.05): lower gives fuller masks")
     parser.add_argument("--save", default=None, help="Write the best loss's fast path under SAVE/fast.")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -99,7 +102,8 @@ def main() -> None:
         adv = [maps_of(train[a], "adv")[train[a]["split"].successful] for a in attacks]
         return clean, adv, maps_of(cal, "clean")[cal["split"].correct]
 
-    out = {"work": str(work), "attacks": attacks, "inputs": list(inputs), "n_images": len(images), "losses": {}}
+    out = {"work": str(work), "goal": args.goal, "attacks": attacks, "inputs": list(inputs), "n_images": len(images),
+           "losses": {}}
     start = time.time()
     exact = lambda d, side: exact_maps(d, side, inputs, config.iterations)  # noqa: E731
     det_exact = fit_detector(*fit_sets(exact), inputs, args.seed)
@@ -111,7 +115,7 @@ def main() -> None:
         start = time.time()
         torch.manual_seed(args.seed)
         net = mask_net_for(model.info, config, width=args.width)
-        settings = MaskNetFit(loss=loss, epochs=args.epochs, seed=args.seed)
+        settings = MaskNetFit(loss=loss, epochs=args.epochs, seed=args.seed, goal=args.goal)
         fit_mask_net(model, net, images, config, teacher_masks=teacher, teacher_iterations=iters, settings=settings,
                      progress=True)
         fit_seconds = time.time() - start

@@ -42,9 +42,12 @@ class MaskNetFit:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seed: int = 0
+    goal: float | None = None  # deletion game: the class term's floor, times the original probability
     history: list[dict[str, float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.goal is not None and not 0 < self.goal < 1:
+            raise OptionError(f"goal must lie in (0, 1), got {self.goal}")
         if self.loss not in LOSSES:
             raise OptionError(f"unknown mask network loss {self.loss!r}; choose one of: {', '.join(LOSSES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0:
@@ -91,7 +94,8 @@ def fit_mask_net(model: nn.Module, net: MaskNet, images: torch.Tensor, config: M
                 low = torch.sigmoid(low_logits)
                 parts = torch.zeros(3, device=device)
                 if settings.loss in ("objective", "both"):
-                    parts[0] = _objective(model, explainer, images[idx], low, targets[idx], p0[idx], config)
+                    parts[0] = _objective(model, explainer, images[idx], low, targets[idx], p0[idx], config,
+                                          settings.goal)
                 if settings.loss in ("distill", "both"):
                     parts[1] = F.binary_cross_entropy_with_logits(low_logits, low_teacher[idx])
                 if share is not None:
@@ -108,17 +112,22 @@ def fit_mask_net(model: nn.Module, net: MaskNet, images: torch.Tensor, config: M
 
 
 def _objective(model: nn.Module, explainer: AmortizedMasks, x: torch.Tensor, low: torch.Tensor,
-               targets: torch.Tensor, p0: torch.Tensor, config: MaskConfig) -> torch.Tensor:
+               targets: torch.Tensor, p0: torch.Tensor, config: MaskConfig,
+               goal: float | None = None) -> torch.Tensor:
     """The optimiser's per-image objective of the predicted masks, averaged (no noise, no jitter).
 
     In the deletion game the class term is floored at the optimiser's goal (``stop_ratio`` of the
     original probability) rather than at ``floor``: the optimiser stops at the first mask that
     reaches the goal, so its masks are the smallest that do; a network rewarded below the goal
-    learns to blur the whole image instead.
+    learns to blur the whole image instead. ``goal`` overrides that ratio (lower: fuller masks that
+    delete the class with a margin).
     """
     masks = explainer.upsample(low, x.shape[-2:])
     logits = model(explainer.perturb(x, masks))
-    goal = max(config.floor, config.stop_ratio) if config.game == "delete" else config.floor
+    if config.game == "delete":
+        goal = max(config.floor, config.stop_ratio if goal is None else goal)
+    else:
+        goal = config.floor
     floor = floor_score(p0, goal, config.score)
     return objective(low, logits, targets, config.game, config.l1_coeff, config.tv_coeff, config.tv_beta,
                      config.score, floor).mean()

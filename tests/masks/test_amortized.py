@@ -82,6 +82,23 @@ def test_objective_training_deletes_the_class():
     assert settings.history[-1]["objective"] < settings.history[0]["objective"]
     assert trained.deletion_ratio.mean() < 0.6 * start.deletion_ratio.mean(), (start.deletion_ratio.mean(),
                                                                               trained.deletion_ratio.mean())
+    # a lower goal than the optimiser's stopping ratio keeps rewarding deletion past it: the whole-image
+    # blur (mask 0) scores lower on the images it deletes below the stopping ratio, the same on the others
+    from advdetect.masks.amortized_training import _objective
+
+    explainer, zeros = AmortizedMasks(model, net, config), torch.zeros(len(x), 1, *net.spec.low_shape)
+    blurred = trained.prob_before.new_tensor(
+        model(explainer.perturb(x, torch.zeros_like(x[:, :1]))).softmax(1).gather(1, trained.targets[:, None])[:, 0])
+    deleted = blurred < config.stop_ratio * trained.prob_before
+    assert 0 < deleted.sum() < len(x)
+    with torch.no_grad():
+        per_image = [torch.stack([_objective(model, explainer, x[i:i + 1], zeros[i:i + 1], trained.targets[i:i + 1],
+                                             trained.prob_before[i:i + 1], config, goal) for i in range(len(x))])
+                     for goal in (None, 0.001)]
+    assert (per_image[1][deleted] < per_image[0][deleted] - 1e-3).all()
+    assert torch.allclose(per_image[1][~deleted], per_image[0][~deleted])
+    with pytest.raises(OptionError, match="goal"):
+        MaskNetFit(goal=1.5)
     with pytest.raises(OptionError, match="teacher_masks"):
         fit_mask_net(model, net, x, config, settings=MaskNetFit(loss="distill", epochs=1))
     with pytest.raises(OptionError, match="unknown mask network loss"):
