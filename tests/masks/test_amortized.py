@@ -87,16 +87,24 @@ def test_objective_training_deletes_the_class():
     from advdetect.masks.amortized_training import _objective
 
     explainer, zeros = AmortizedMasks(model, net, config), torch.zeros(len(x), 1, *net.spec.low_shape)
-    blurred = trained.prob_before.new_tensor(
-        model(explainer.perturb(x, torch.zeros_like(x[:, :1]))).softmax(1).gather(1, trained.targets[:, None])[:, 0])
-    deleted = blurred < config.stop_ratio * trained.prob_before
-    assert 0 < deleted.sum() < len(x)
     with torch.no_grad():
+        blurred = model(explainer.perturb(x, torch.zeros_like(x[:, :1]))).softmax(1)
+        deleted = blurred.gather(1, trained.targets[:, None])[:, 0] < config.stop_ratio * trained.prob_before
+        assert 0 < deleted.sum() < len(x)
         per_image = [torch.stack([_objective(model, explainer, x[i:i + 1], zeros[i:i + 1], trained.targets[i:i + 1],
                                              trained.prob_before[i:i + 1], config, goal) for i in range(len(x))])
                      for goal in (None, 0.001)]
     assert (per_image[1][deleted] < per_image[0][deleted] - 1e-3).all()
     assert torch.allclose(per_image[1][~deleted], per_image[0][~deleted])
+    # and fit_mask_net trains on it: one epoch from the trained network, with and without the goal
+    import copy
+
+    losses = []
+    for goal in (None, 0.001):
+        run = MaskNetFit(loss="objective", epochs=1, batch_size=16, lr=1e-6, goal=goal)
+        fit_mask_net(model, copy.deepcopy(net), x, config, settings=run)
+        losses.append(run.history[0]["objective"])
+    assert losses[1] < losses[0] - 1e-3, losses
     with pytest.raises(OptionError, match="goal"):
         MaskNetFit(goal=1.5)
     with pytest.raises(OptionError, match="teacher_masks"):
