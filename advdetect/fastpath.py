@@ -18,13 +18,15 @@ import torch
 
 from .detector import MaskDetector, load_detector, save_detector
 from .detector.inputs import maps_for_result
+from .detector.margin import MarginCombination, log_prob_gap
 from .masks import MaskConfig, MaskResult
-from .errors import AdvDetectError
+from .errors import AdvDetectError, OptionError
 from .masks.amortized import AmortizedMasks, load_mask_net, save_mask_net
 from .masks.parameterization import low_res_shape
 from .models.wrapper import ModelWrapper
 
 FAST_DIR = "fast"
+MARGIN_FILE = "margin.json"
 
 
 @dataclass
@@ -33,14 +35,34 @@ class FastPath:
 
     explainer: AmortizedMasks
     detector: MaskDetector
+    margin: MarginCombination | None = None  # the detector's score combined with the classifier's gap
+
+    @property
+    def threshold(self) -> float:
+        """The calibrated threshold of the verdict's score (the combination's, when there is one)."""
+        return self.margin.threshold_ if self.margin is not None else self.detector.threshold_
+
+    @property
+    def calibration_fpr(self) -> float:
+        return float(self.margin.fpr) if self.margin is not None else self.detector.calibration_fpr_
 
     def maps(self, images: torch.Tensor, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskResult]:
         """The detector's maps for ``images`` and the amortized mask result they come from."""
         return amortized_maps(self.explainer, self.detector.input_names(), images, probs=probs)
 
     def scores(self, images: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """The verdict's scores of ``images`` (compare with :attr:`threshold`)."""
         maps, _ = self.maps(images, probs)
-        return torch.as_tensor(self.detector.decision_function(maps))
+        return self.combine(torch.as_tensor(self.detector.decision_function(maps)), images)
+
+    def combine(self, scores: torch.Tensor, images: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The detector's ``scores`` of ``images``, combined with the classifier's gap when there is a
+        :class:`MarginCombination` (``logits``: the classifier's on ``images``, when already computed)."""
+        if self.margin is None:
+            return scores
+        if logits is None:
+            logits = self.explainer.model.logits(images)
+        return torch.as_tensor(self.margin.decision_function(scores, log_prob_gap(logits).cpu()))
 
 
 def amortized_maps(explainer: AmortizedMasks, inputs: Sequence[str], images: torch.Tensor, batch_size: int = 512,
@@ -60,9 +82,15 @@ def amortized_maps(explainer: AmortizedMasks, inputs: Sequence[str], images: tor
 def save_fast_path(detector_dir: str | os.PathLike, fast: FastPath, classifier: dict[str, Any],
                    extra: dict[str, Any] | None = None) -> Path:
     """Write the fast path under ``<detector_dir>/fast/``."""
+    from .storage import write_json
+
     directory = Path(detector_dir) / FAST_DIR
     save_mask_net(directory, fast.explainer.net, extra={"mask_config": fast.explainer.config.to_dict()})
     save_detector(directory, fast.detector, classifier, fast.explainer.config, extra=extra)
+    if fast.margin is not None:
+        write_json(directory / MARGIN_FILE, fast.margin.to_dict())
+    else:  # an earlier fast path's combination would judge with this detector's scores
+        (directory / MARGIN_FILE).unlink(missing_ok=True)
     return directory
 
 
@@ -82,7 +110,20 @@ def load_fast_path(detector_dir: str | os.PathLike, model: ModelWrapper) -> Fast
     if have != want:
         raise AdvDetectError(f"{directory}: the mask network takes {have[0]} channels, {have[1]} classes and writes "
                              f"{have[2]} masks; {info.name} needs {want}; the fast path belongs to another model")
-    return FastPath(AmortizedMasks(model, net, config), detector)
+    return FastPath(AmortizedMasks(model, net, config), detector, load_margin(directory))
+
+
+def load_margin(directory: Path) -> MarginCombination | None:
+    """The fast path's :class:`MarginCombination` (``margin.json``, plain JSON), if it has one."""
+    from .storage import read_json
+
+    path = directory / MARGIN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return MarginCombination.from_dict(read_json(path))
+    except ValueError as exc:
+        raise AdvDetectError(f"{path}: {exc}; retrain the detector") from None
 
 
 IMAGE_BUDGET = 2**30  # bytes of training images the mask network learns from (sampled beyond that)
@@ -134,16 +175,20 @@ def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int],
 def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetector, fit_dirs: Sequence[Path],
                     fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
                     settings: Any = None, seed: int = 0, progress: bool = False,
-                    hardening: Any = None) -> FastPath:
+                    hardening: Any = None, margin: bool = False) -> FastPath:
     """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
     ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
     on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
     clean images of ``calibration``. ``hardening`` (a :class:`~advdetect.hardening.HardeningConfig`):
-    then adversarially train that detector against the white-box adaptive attacker."""
+    then adversarially train that detector against the white-box adaptive attacker. ``margin``: then
+    combine its score with the classifier's gap (:func:`fit_margin`; needs ``calibration``)."""
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
 
+    if margin and calibration is None:
+        raise OptionError("the margin combination is calibrated on clean images the detector never fitted on: "
+                          "give calibration images")
     settings = settings or MaskNetFit(seed=seed)
     pool = low_res_shape(tuple(model.info.input_size), config.upsample)
     per_image = 4 * len(model.info.mean) * model.info.input_size[0] * model.info.input_size[1]
@@ -175,7 +220,27 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
         from .hardening import harden_fast_path
 
         fast = harden_fast_path(fast, data.images[clean], maps[clean], adv_sets, cal_maps, hardening, progress)
+    if margin:
+        usable = data.usable
+        fast.margin = fit_margin(fast, data.images[usable], maps[usable], data.adversarial[usable],
+                                 calibration.images[calibration.usable], cal_maps)
     return fast
+
+
+def fit_margin(fast: FastPath, images: torch.Tensor, maps: torch.Tensor, adversarial: torch.Tensor,
+               clean_images: torch.Tensor, clean_maps: torch.Tensor, batch_size: int = 512) -> MarginCombination:
+    """A :class:`MarginCombination` of ``fast``'s detector score and the classifier's gap, fitted on ``images``
+    (their ``maps``; ``adversarial``: bool per image) and calibrated, at the detector's rate, on ``clean_images``
+    (their ``clean_maps``), which the detector never fitted on."""
+    model = fast.explainer.model
+
+    def gaps(x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([log_prob_gap(model.logits(x[i:i + batch_size].to(model.device))).cpu()
+                          for i in range(0, len(x), batch_size)])
+
+    combination = MarginCombination(fpr=getattr(fast.detector, "calibration_fpr_", fast.detector.fpr))
+    combination.fit(fast.detector.decision_function(maps), gaps(images), adversarial.long().numpy())
+    return combination.calibrate(fast.detector.decision_function(clean_maps), gaps(clean_images))
 
 
 def fit_fast_detector(detector: MaskDetector, clean: torch.Tensor, adv_sets: Sequence[torch.Tensor],
@@ -204,4 +269,4 @@ def fast_metrics(fast: FastPath, clean: torch.Tensor, adv: torch.Tensor) -> dict
     from .detector import detection_metrics
 
     c, a = fast.scores(clean).numpy(), fast.scores(adv).numpy()
-    return detection_metrics(np.r_[np.zeros(len(c)), np.ones(len(a))], np.r_[c, a], fast.detector.threshold_)
+    return detection_metrics(np.r_[np.zeros(len(c)), np.ones(len(a))], np.r_[c, a], fast.threshold)

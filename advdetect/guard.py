@@ -122,7 +122,7 @@ class Guard:
     def _verdicts(self, j: Any) -> Verdicts:
         labels = j.probs.argmax(1)
         return Verdicts(labels, list(self.model.info.classes), j.probs.gather(1, labels[:, None]).squeeze(1),
-                        j.scores, j.flagged, float(self.deployment.judge.threshold_), self.path)
+                        j.scores, j.flagged, float(self.deployment.threshold), self.path)
 
     def _images(self, images: torch.Tensor | Sequence[str | os.PathLike]) -> torch.Tensor:
         from .imageio import load_image

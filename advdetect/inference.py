@@ -40,8 +40,18 @@ class Deployment:
 
     @property
     def judge(self) -> MaskDetector:
-        """The detector whose scores and threshold give the verdicts."""
+        """The detector whose scores give the verdicts (combined with the classifier's gap when the fast
+        path has a margin combination)."""
         return self.fast.detector if self.fast is not None else self.detector
+
+    @property
+    def threshold(self) -> float:
+        """The calibrated threshold the verdicts' scores are compared with."""
+        return self.fast.threshold if self.fast is not None else self.detector.threshold_
+
+    @property
+    def calibration_fpr(self) -> float:
+        return self.fast.calibration_fpr if self.fast is not None else self.detector.calibration_fpr_
 
 
 @dataclass
@@ -79,16 +89,18 @@ def load_deployment(detector_dir: str | os.PathLike, model: str | ModelWrapper |
 def judge(deployed: Deployment, x: torch.Tensor, explainer: Explainer | None = None) -> Judgement:
     """Predictions, masks, scores and verdicts for a batch ``x`` (on the model's device): with the fast path
     when the deployment has one, else with ``explainer`` (the detector's optimised masks)."""
-    probs = deployed.model.logits(x).softmax(1)
+    logits = deployed.model.logits(x)
+    probs = logits.softmax(1)
     if deployed.fast is not None:
         maps, result = deployed.fast.maps(x, probs=probs.to(x.device))
     else:
         explainer = explainer or make_explainer(deployed.model, deployed.mask_config)
         result = explainer.attribute(x)
         maps = maps_for_result(deployed.detector.input_names(), x, result)
-    detector = deployed.judge
-    scores = torch.as_tensor(detector.decision_function(maps.cpu()))
-    return Judgement(probs.cpu(), result, scores, scores > detector.threshold_)
+    scores = torch.as_tensor(deployed.judge.decision_function(maps.cpu()))
+    if deployed.fast is not None:
+        scores = deployed.fast.combine(scores, x, logits)
+    return Judgement(probs.cpu(), result, scores, scores > deployed.threshold)
 
 
 def recovery_masks_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:
@@ -168,8 +180,8 @@ def detect_images(paths: Sequence[str | os.PathLike], detector_dir: str | os.Pat
     with the detector's fast path when it has one, unless ``exact``."""
     deployed = load_deployment(detector_dir, model, device, exact=exact)
     rows = list(iter_detections(paths, deployed))
-    return {"detector": str(detector_dir), "threshold": deployed.judge.threshold_,
-            "calibration_fpr": deployed.judge.calibration_fpr_, "path": deployed.path, "images": rows}
+    return {"detector": str(detector_dir), "threshold": deployed.threshold,
+            "calibration_fpr": deployed.calibration_fpr, "path": deployed.path, "images": rows}
 
 
 def iter_recoveries(paths: Sequence[str | os.PathLike], deployed: Deployment, figures: str | os.PathLike | None = None,

@@ -109,7 +109,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
                    n_calibration: int = 1000, work: str | os.PathLike | None = None,
                    fast: bool = True, fast_settings: MaskNetFit | None = None,
-                   hardening: Any = None) -> TrainReport:
+                   hardening: Any = None, margin: bool = False) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -123,12 +123,17 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     ``fast``: also train the fast path (a mask network and a detector on its maps, ``out/fast/``), when the
     masks are meaningful deletion or preservation masks; ``fast_settings``: how the network is trained.
     ``hardening`` (:class:`~advdetect.hardening.HardeningConfig`): adversarial training of the fast
-    detector against the white-box adaptive attacker (needs the fast path).
+    detector against the white-box adaptive attacker (needs the fast path). ``margin``: the fast path's
+    verdict combines its detector's score with the classifier's log-probability gap
+    (:class:`~advdetect.detector.margin.MarginCombination`; needs the fast path).
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     if hardening is not None and hardening.rounds and not (fast and fast_supported(mask_config or MaskConfig())):
         raise OptionError("adaptive rounds harden the fast path's detector: train it too (--fast, with meaningful "
+                          "deletion or preservation masks)")
+    if margin and not (fast and fast_supported(mask_config or MaskConfig())):
+        raise OptionError("the margin combination is part of the fast path: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
     if calibrate_on not in CALIBRATION_SOURCES:
         raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
@@ -200,7 +205,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
             read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
         fast_path = train_fast_path(model, mask_config, MaskDetector(**detector.get_params()), train_dirs, fit_keep,
                                     cal_set, settings=fast_settings, seed=seed, progress=progress,
-                                    hardening=hardening)
+                                    hardening=hardening, margin=margin)
     elif fast:
         log.warning("no fast path: amortized masks stand in for meaningful deletion or preservation masks, "
                     "not %s", mask_config.kind)
@@ -229,7 +234,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                          calibration_fpr=detector.calibration_fpr_, metrics=metrics,
                          seconds=round(time.time() - start, 1), data=data.describe(),
                          mask_config=mask_config.to_dict(), images=records,
-                         fast={"threshold": fast_path.detector.threshold_, "metrics": fast_rows,
+                         fast={"threshold": fast_path.threshold, "margin": fast_path.margin is not None,
+                               "metrics": fast_rows,
                                "hardening": hardening.describe() if hardening is not None and hardening.rounds
                                else None} if fast_path is not None else None)
     ctx = context()  # under torchrun every rank holds the same detector; rank 0 writes it
@@ -267,13 +273,14 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
               shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
               n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
               work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30,
-              adaptive_rounds: int = 0) -> TrainReport:
+              adaptive_rounds: int = 0, margin: bool = False) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
     ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
     None: the default). ``fast``: also train the fast path, its mask network for ``fast_epochs`` epochs.
     ``adaptive_rounds``: rounds of adversarial training of the fast detector against the white-box
-    adaptive attacker (:mod:`advdetect.hardening`; 0: none).
+    adaptive attacker (:mod:`advdetect.hardening`; 0: none). ``margin``: combine the fast detector's
+    score with the classifier's log-probability gap.
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
@@ -293,4 +300,5 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
                           batch_size=batch_size,
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration, work=work, fast=fast,
-                          fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed), hardening=hardening)
+                          fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed), hardening=hardening,
+                          margin=margin)

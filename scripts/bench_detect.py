@@ -142,14 +142,14 @@ def main() -> None:
 
     detection, faith_fast, faith_opt, diffs, corrs = {}, [], [], [], []
     refined: dict[int, dict[str, list]] = {k: {"faithful": [], "seconds": [], "n": []} for k in refine_steps}
-    fast_det, exact_det = fast.deployment.fast.detector, deployed.detector
+    exact_det = deployed.detector
     for name, split in splits.items():
         ok, hit = split.correct, split.successful
         sides = {"clean": split.clean[ok], "adv": split.adv[hit]}
         fast_scores = {s: fast.check(x).scores.numpy() for s, x in sides.items()}
         exact_scores = {"clean": exact_det.decision_function(split.masks_clean[ok]),
                         "adv": exact_det.decision_function(split.masks_adv[hit])}
-        detection[name] = {"fast": auc_row(fast_scores["clean"], fast_scores["adv"], fast_det.threshold_),
+        detection[name] = {"fast": auc_row(fast_scores["clean"], fast_scores["adv"], fast.deployment.threshold),
                            "optimized": auc_row(exact_scores["clean"], exact_scores["adv"], exact_det.threshold_)}
         if deployed.mask_config.game != "delete":
             continue
@@ -214,15 +214,16 @@ def masks_per_second_224(images: torch.Tensor, quick: bool) -> dict:
 def adaptive_fast(guard: Guard, split, args) -> dict:
     """White-box PGD on the fast path (no surrogate) against held-out correct clean images, at each eps,
     each eps also starting from the previous one's result; success = classifier wrong and fast detector passes."""
-    from advdetect.evaluation.adaptive import AdaptiveConfig, FastPathMaps, evaluate_adaptive
+    from advdetect.evaluation.adaptive import AdaptiveConfig, evaluate_adaptive, fast_path_target
 
     fast = guard.deployment.fast
+    target, judge, real = fast_path_target(fast)
     x, y = split.clean[split.correct][:args.adaptive_n], split.labels[split.correct][:args.adaptive_n]
     rows, previous = [], None
     for eps in (2 / 255, 4 / 255, 8 / 255):
         cfg = AdaptiveConfig(eps=eps, steps=args.adaptive_steps, restarts=1)
-        outcome, previous = evaluate_adaptive(guard.model, FastPathMaps(fast), fast.detector, fast.explainer.config,
-                                              x, y, cfg, init=previous, real_maps=lambda images: fast.maps(images)[0])
+        outcome, previous = evaluate_adaptive(guard.model, target, judge, fast.explainer.config, x, y, cfg,
+                                              init=previous, real_maps=real)
         rows.append(outcome.to_dict())
     return {"n": len(x), "steps": args.adaptive_steps, "sweep": rows}
 

@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advdetect.data import DataSpec, images_for, shared_images  # noqa: E402
-from advdetect.evaluation.adaptive import FastPathMaps, adaptive_sweep  # noqa: E402
+from advdetect.evaluation.adaptive import adaptive_sweep, fast_path_target  # noqa: E402
 from advdetect.evaluation.config import EvaluateConfig, parse_eps_list  # noqa: E402
 from advdetect.evaluation.guard import reserved_images  # noqa: E402
 from advdetect.inference import load_deployment  # noqa: E402
@@ -66,12 +66,13 @@ def main() -> None:
     fast_meta = json.loads((Path(args.detector) / "fast" / "detector.json").read_text())
     with torch.no_grad():
         clean_scores = fast.scores(x.to(model.device)).cpu()
-    result = adaptive_sweep(model, FastPathMaps(fast), fast.detector, fast.explainer.config, x, labels, config,
-                            sys.stderr.isatty(), lambda batch: fast.maps(batch)[0],
+    target, judge, real = fast_path_target(fast)
+    result = adaptive_sweep(model, target, judge, fast.explainer.config, x, labels, config, sys.stderr.isatty(), real,
                             iterations_check=not args.no_iterations_check)
     print(json.dumps({"detector": args.detector, "n_images": int(len(x)), "n_test_images": args.n,
                       "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
-                      "clean_flagged": float((clean_scores > fast.detector.threshold_).float().mean()),
+                      "clean_flagged": float((clean_scores > fast.threshold).float().mean()),
+                      "margin": fast.margin is not None,
                       "hardening": fast_meta.get("hardening"), **result, "seconds": round(time.time() - start, 1)}))
 
 

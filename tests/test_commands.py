@@ -136,6 +136,27 @@ def test_adaptive_rounds_harden_the_fast_detector(detector_dir, tmp_path):
     assert refused.exit_code == 2 and "fast path" in refused.output and "Traceback" not in refused.output
 
 
+def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, tmp_path):
+    """--margin: the fast path's verdict is a calibrated combination of its score and the classifier's gap."""
+    import shutil
+
+    out = tmp_path / "det"
+    shutil.copytree(detector_dir[0], out)
+    args = ["train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
+            str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
+    result = run(*args, "--margin", "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result)
+    saved = json.loads((out / "fast" / "margin.json").read_text())
+    assert report["fast"]["margin"] is True and report["fast"]["threshold"] == pytest.approx(saved["threshold"])
+    data = load_attack_set(out / "work" / "test-bim")
+    save_image(data.adv[0], tmp_path / "adv.png")
+    row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
+    assert row["path"] == "fast" and row["adversarial"] == (row["score"] > saved["threshold"])
+    refused = run(*args, "--margin", "--no-fast")
+    assert refused.exit_code == 2 and "fast path" in refused.output and "Traceback" not in refused.output
+
+
 def test_retraining_without_the_fast_path_removes_the_old_one(detector_dir, tmp_path):
     """An earlier detector's fast path must not judge for a detector retrained without one."""
     import shutil

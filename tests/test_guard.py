@@ -104,3 +104,54 @@ def test_fast_path_of_another_model_is_refused(fast_quick_detector, tmp_path):
                    load_model("cifar10-cnn").info.identity())
     with pytest.raises(AdvDetectError, match="belongs to another model"):
         load_fast_path(out, load_model("cifar10-cnn"))
+
+
+@pytest.fixture
+def margin_detector(fast_quick_detector, tmp_path):
+    """The fast quick detector with a margin combination fitted on random images (plumbing, not quality)."""
+    from advdetect.fastpath import fit_margin
+
+    out = tmp_path / "det"
+    shutil.copytree(fast_quick_detector, out)
+    fast = Guard.load(out, device="cpu").deployment.fast
+    x = batch(40)
+    maps, _ = fast.maps(x)
+    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20])
+    save_fast_path(out, fast, load_model("cifar10-cnn").info.identity())
+    return out
+
+
+def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
+    from advdetect.detector.margin import log_prob_gap
+    from advdetect.evaluation.adaptive import fast_path_target
+
+    guard = Guard.load(margin_detector, device="cpu")
+    fast = guard.deployment.fast
+    assert fast.margin is not None and (margin_detector / "fast" / "margin.json").is_file()
+    x = batch(8)
+    verdicts = guard.check(x)
+    maps, _ = fast.maps(x)
+    expected = fast.margin.decision_function(fast.detector.decision_function(maps), log_prob_gap(guard.model.logits(x)))
+    assert torch.allclose(verdicts.scores, torch.as_tensor(expected), atol=1e-5)
+    assert verdicts.threshold == pytest.approx(fast.margin.threshold_) != pytest.approx(fast.detector.threshold_)
+    assert torch.equal(verdicts.adversarial, verdicts.scores > fast.margin.threshold_)
+    target, judge, real = fast_path_target(fast)  # the white-box attacker sees and is judged by the same thing
+    assert torch.allclose(torch.as_tensor(judge.decision_function(real(x))), verdicts.scores, atol=1e-5)
+    with torch.no_grad():
+        attacked = judge._fitted()(target(x))
+    assert torch.allclose(attacked, verdicts.scores, atol=0.05)  # iterations not rounded to whole ones there
+
+
+def test_a_fast_path_saved_without_margin_drops_the_old_one_and_bad_files_are_refused(margin_detector):
+    import json
+
+    fast = Guard.load(margin_detector, device="cpu").deployment.fast
+    path = margin_detector / "fast" / "margin.json"
+    good = json.loads(path.read_text())
+    for bad in ("{not json", json.dumps(good | {"threshold": float("nan")}), json.dumps(good | {"format": "x"})):
+        path.write_text(bad)
+        with pytest.raises(AdvDetectError, match="margin.json"):
+            Guard.load(margin_detector, device="cpu")
+    fast.margin = None
+    save_fast_path(margin_detector, fast, load_model("cifar10-cnn").info.identity())
+    assert not path.exists() and Guard.load(margin_detector, device="cpu").deployment.fast.margin is None

@@ -241,6 +241,19 @@ class FastPathMaps(nn.Module):
                              prob_after=after.gather(1, pick).squeeze(1), iterations=share * budget, budget=budget)
 
 
+def fast_path_target(fast: FastPath) -> tuple[nn.Module, Any, Callable[[torch.Tensor], torch.Tensor]]:
+    """What a white-box attacker of ``fast`` differentiates, what judges it, and the real maps: the fast
+    path's maps and detector, with the classifier's gap plane and the margin combination when it has one."""
+    from ..detector.margin import CombinedDetector, WithGap, with_gap_plane
+
+    maps = FastPathMaps(fast)
+    if fast.margin is None:
+        return maps, fast.detector, lambda images: fast.maps(images)[0]
+    model = fast.explainer.model
+    return (WithGap(maps, model), CombinedDetector(fast.detector, fast.margin),
+            lambda images: with_gap_plane(fast.maps(images)[0], model.logits(images)))
+
+
 def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,
                       images: torch.Tensor, labels: torch.Tensor, cfg: AdaptiveConfig,
                       init: torch.Tensor | None = None,
@@ -321,12 +334,13 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
         **adaptive_sweep(wrapper, surrogate, detector, mask_config, x, y, config, progress, None),
     }
     if fast is not None:
+        target, judge, real = fast_path_target(fast)
+        combined = " combined with the classifier's gap" if fast.margin is not None else ""
         result["fast_path"] = {
-            "method": "PGD (L-inf) on classifier margin + the fast detector's score, white box: gradients through "
-                      "the classifier, the mask network and the perturbed classifier (no surrogate); candidates and "
-                      "choice as above, judged on the real fast path",
-            **adaptive_sweep(wrapper, FastPathMaps(fast), fast.detector, mask_config, x, y, config, progress,
-                     lambda images: fast.maps(images)[0])}
+            "method": f"PGD (L-inf) on classifier margin + the fast detector's score{combined}, white box: gradients "
+                      "through the classifier, the mask network and the perturbed classifier (no surrogate); "
+                      "candidates and choice as above, judged on the real fast path",
+            **adaptive_sweep(wrapper, target, judge, mask_config, x, y, config, progress, real)}
     return result
 
 
