@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advdetect.data import DataSpec, images_for, shared_images  # noqa: E402
 from advdetect.evaluation.adaptive import adaptive_sweep, fast_path_target  # noqa: E402
-from advdetect.evaluation.config import EvaluateConfig, parse_eps_list  # noqa: E402
+from advdetect.evaluation.config import EvaluateConfig, parse_eps_list, parse_settings  # noqa: E402
 from advdetect.evaluation.guard import reserved_images  # noqa: E402
 from advdetect.inference import load_deployment  # noqa: E402
 
@@ -41,6 +41,9 @@ def main() -> None:
     parser.add_argument("--eps", default="2/255,4/255,8/255,16/255")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--restarts", type=int, default=1)
+    parser.add_argument("--settings", default="1:2,0.3:2",
+                        help="the attacker's runs lam:kappa (detector-term weight : classifier margin aimed for), "
+                             "in turn, each keeping the best images so far")
     parser.add_argument("--check-eps", default="8/255", help="eps of the 4x-steps sanity check")
     parser.add_argument("--no-iterations-check", action="store_true", help="skip the 4x-steps sanity check")
     parser.add_argument("--seed", type=int, default=0)
@@ -62,7 +65,8 @@ def main() -> None:
     x, labels = x[correct], labels[correct]
     eps = parse_eps_list(args.eps)
     config = EvaluateConfig(eps=parse_eps_list(args.check_eps), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0, adaptive_n=len(x), adaptive_eps=eps,
-                            adaptive_steps=args.steps, adaptive_restarts=args.restarts, seed=args.seed)
+                            adaptive_steps=args.steps, adaptive_restarts=args.restarts, seed=args.seed,
+                            adaptive_settings=parse_settings(args.settings))
     fast_meta = json.loads((Path(args.detector) / "fast" / "detector.json").read_text())
     with torch.no_grad():
         clean_scores = fast.scores(x.to(model.device)).cpu()

@@ -353,10 +353,14 @@ def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_c
     from tqdm.auto import tqdm
 
     def attack(eps: float, steps: int, restarts: int, init: torch.Tensor | None = None):
-        settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed)
-        result, adv = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init,
-                                        real_maps=real_maps)
-        return result.to_dict(), adv
+        # each (lam, kappa) run in turn, each keeping the best images so far: the last result is the best of all
+        runs = 0
+        for lam, kappa in config.adaptive_settings:
+            settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed, lam=lam, kappa=kappa)
+            result, init = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init,
+                                             real_maps=real_maps)
+            runs += result.restarts
+        return {**result.to_dict(), "restarts": runs, "settings": [list(s) for s in config.adaptive_settings]}, init
 
     # each eps also restarts from the previous (smaller) eps's result: a larger budget can't do worse
     sweep_results, previous = [], None

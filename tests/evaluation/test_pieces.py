@@ -8,7 +8,7 @@ import torch
 from advdetect.detector import MaskDetector
 from advdetect.evaluation.adaptive import AdaptiveConfig, adaptive_pgd, evaluate_adaptive, train_surrogate
 from advdetect.masks import MaskConfig, make_explainer
-from advdetect.evaluation.config import EvaluateConfig, Spec, eps_tag, sweep
+from advdetect.evaluation.config import EvaluateConfig, Spec, eps_tag, parse_settings, sweep
 from advdetect.evaluation.heatmaps import HEATMAP_METHODS, heatmaps
 from advdetect.evaluation.report import json_safe
 
@@ -64,18 +64,24 @@ def test_adaptive_pgd_stays_in_budget_and_fools(tiny_model, tiny_images):
         AdaptiveConfig(eps=0)
 
 
-def test_adaptive_success_never_drops_when_warm_started(tiny_model, tiny_images):
-    """Candidates are judged on the real pipeline and the smaller eps's result is one of them."""
+def attacked_setup(model, images):
+    """16 images, a detector fitted on their masks vs masks of noisy copies, a surrogate, the mask settings."""
     gen = torch.Generator().manual_seed(1)
-    x = tiny_images[:16]
-    y = tiny_model.predict(x)
+    x = images[:16]
+    y = model.predict(x)
     mask_config = MaskConfig(iterations=20, early_stop=False)
-    explainer = make_explainer(tiny_model, mask_config)
+    explainer = make_explainer(model, mask_config)
     clean_masks = explainer.attribute(x).masks
     noisy_masks = explainer.attribute((x + 0.1 * torch.randn(x.shape, generator=gen)).clamp(0, 1)).masks
     det = MaskDetector(epochs=3, batch_size=16, seed=0).fit(torch.cat([clean_masks, noisy_masks] * 2),
                                                            torch.arange(64) // 16 % 2)
     surrogate, _ = train_surrogate(x, clean_masks, epochs=2)
+    return x, y, mask_config, explainer, det, surrogate
+
+
+def test_adaptive_success_never_drops_when_warm_started(tiny_model, tiny_images):
+    """Candidates are judged on the real pipeline and the smaller eps's result is one of them."""
+    x, y, mask_config, explainer, det, surrogate = attacked_setup(tiny_model, tiny_images)
     small, adv_small = evaluate_adaptive(tiny_model, surrogate, det, mask_config, x, y,
                                          AdaptiveConfig(eps=2 / 255, steps=5))
     large, adv_large = evaluate_adaptive(tiny_model, surrogate, det, mask_config, x, y,
@@ -90,6 +96,28 @@ def test_adaptive_success_never_drops_when_warm_started(tiny_model, tiny_images)
     assert large.success >= small.success
     assert bool((succeeds(adv_large) | ~succeeds(adv_small)).all())  # every image that succeeded still does
     assert succeeds(adv_large).float().mean() == pytest.approx(large.success)
+
+
+def test_more_attacker_settings_never_lower_success(tiny_model, tiny_images):
+    """Each (lam, kappa) run keeps the best images so far: adding settings can only add successes."""
+    from advdetect.evaluation.adaptive import adaptive_sweep
+
+    x, y, mask_config, _, det, surrogate = attacked_setup(tiny_model, tiny_images)
+    rows = {}
+    for settings in (((1.0, 2.0),), ((1.0, 2.0), (0.3, 2.0), (3.0, 0.0))):
+        config = EvaluateConfig(n=40, n_baseline=8, n_methods=8, adaptive_n=16, adaptive_eps=(1 / 255, 4 / 255),
+                                adaptive_steps=4, adaptive_settings=settings)
+        rows[len(settings)] = adaptive_sweep(tiny_model, surrogate, det, mask_config, x, y, config, False, None,
+                                             iterations_check=False)["sweep"]
+    for one, three in zip(rows[1], rows[3]):
+        assert three["success"] >= one["success"] and three["settings"] == [[1.0, 2.0], [0.3, 2.0], [3.0, 0.0]]
+        assert three["restarts"] > one["restarts"]
+    assert parse_settings("1:2, 0.3:2") == ((1.0, 2.0), (0.3, 2.0))
+    for bad in ("1", "a:b", "", "-1:2"):
+        with pytest.raises(ValueError, match="lam:kappa"):
+            parse_settings(bad)
+    with pytest.raises(ValueError, match="adaptive_settings"):
+        EvaluateConfig(adaptive_settings=())
 
 
 def test_sweep_and_config():
