@@ -44,7 +44,7 @@ class FastPath:
 
     @property
     def calibration_fpr(self) -> float:
-        return float(self.margin.fpr) if self.margin is not None else self.detector.calibration_fpr_
+        return self.margin.calibration_fpr_ if self.margin is not None else self.detector.calibration_fpr_
 
     def maps(self, images: torch.Tensor, probs: torch.Tensor | None = None) -> tuple[torch.Tensor, MaskResult]:
         """The detector's maps for ``images`` and the amortized mask result they come from."""

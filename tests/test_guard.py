@@ -133,7 +133,8 @@ def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
     maps, _ = fast.maps(x)
     expected = fast.margin.decision_function(fast.detector.decision_function(maps), log_prob_gap(guard.model.logits(x)))
     assert torch.allclose(verdicts.scores, torch.as_tensor(expected), atol=1e-5)
-    assert verdicts.threshold == pytest.approx(fast.margin.threshold_) != pytest.approx(fast.detector.threshold_)
+    assert verdicts.threshold == pytest.approx(fast.margin.threshold_)
+    assert fast.margin.threshold_ != pytest.approx(fast.detector.threshold_)  # the combination's, not the detector's
     assert torch.equal(verdicts.adversarial, verdicts.scores > fast.margin.threshold_)
     target, judge, real = fast_path_target(fast)  # the white-box attacker sees and is judged by the same thing
     assert torch.allclose(torch.as_tensor(judge.decision_function(real(x))), verdicts.scores, atol=1e-5)

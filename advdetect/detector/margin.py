@@ -43,7 +43,7 @@ class MarginCombination:
     """Logistic regression over (detector score, log1p(gap), log1p(gap)^2), calibrated to ``fpr``.
 
     scikit-learn style: :meth:`fit` returns self; ``coef_``, ``intercept_``, ``mean_``, ``scale_``
-    (feature standardisation) and, after :meth:`calibrate`, ``threshold_`` are learned.
+    (feature standardisation) and, after :meth:`calibrate`, ``threshold_`` and ``calibration_fpr_`` are learned.
     """
 
     def __init__(self, fpr: float = 0.05, C: float = 1.0) -> None:
@@ -93,6 +93,7 @@ class MarginCombination:
         if len(combined) == 0:
             raise ValueError("calibration needs at least one clean image")
         self.threshold_ = threshold_for_fpr(combined, fpr)
+        self.calibration_fpr_ = float(fpr)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -100,7 +101,7 @@ class MarginCombination:
             raise RuntimeError("fit and calibrate the combination before saving it")
         return {"format": FORMAT, "params": self.get_params(), "coef": self.coef_.tolist(),
                 "intercept": self.intercept_, "mean": self.mean_.tolist(), "scale": self.scale_.tolist(),
-                "threshold": self.threshold_}
+                "threshold": self.threshold_, "calibration_fpr": self.calibration_fpr_}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MarginCombination:
@@ -112,6 +113,7 @@ class MarginCombination:
             out.mean_ = torch.tensor([float(v) for v in data["mean"]], dtype=torch.float64)
             out.scale_ = torch.tensor([float(v) for v in data["scale"]], dtype=torch.float64)
             out.intercept_, out.threshold_ = float(data["intercept"]), float(data["threshold"])
+            out.calibration_fpr_ = float(data.get("calibration_fpr", out.fpr))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed margin combination: {err}") from None
         if not (out.coef_.numel() == out.mean_.numel() == out.scale_.numel() == 3):

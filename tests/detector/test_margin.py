@@ -50,7 +50,10 @@ def test_calibration_flags_at_most_the_rate_asked_for() -> None:
     clean = cy == 0
     combination.calibrate(clean_scores[clean], clean_gaps[clean])
     flagged = combination.decision_function(clean_scores[clean], clean_gaps[clean]) > combination.threshold_
-    assert 0.05 < flagged.mean() <= 0.1
+    assert 0.05 < flagged.mean() <= 0.1 and combination.calibration_fpr_ == 0.1
+    combination.calibrate(clean_scores[clean], clean_gaps[clean], fpr=0.2)
+    assert combination.calibration_fpr_ == 0.2
+    assert MarginCombination.from_dict(combination.to_dict()).calibration_fpr_ == 0.2
 
 
 def test_it_saves_as_json_and_loads_the_same_decisions() -> None:
