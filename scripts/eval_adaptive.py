@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--settings", default="1:2,0.3:2",
                         help="the attacker's runs lam:kappa (detector-term weight : classifier margin aimed for), "
                              "in turn, each keeping the best images so far")
+    parser.add_argument("--targets", type=int, default=0,
+                        help="multi-targeted runs after each untargeted one: this many classes ranked next")
     parser.add_argument("--check-eps", default="8/255", help="eps of the 4x-steps sanity check")
     parser.add_argument("--no-iterations-check", action="store_true", help="skip the 4x-steps sanity check")
     parser.add_argument("--seed", type=int, default=0)
@@ -66,7 +68,7 @@ def main() -> None:
     eps = parse_eps_list(args.eps)
     config = EvaluateConfig(eps=parse_eps_list(args.check_eps), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0, adaptive_n=len(x), adaptive_eps=eps,
                             adaptive_steps=args.steps, adaptive_restarts=args.restarts, seed=args.seed,
-                            adaptive_settings=parse_settings(args.settings))
+                            adaptive_settings=parse_settings(args.settings), adaptive_targets=args.targets)
     fast_meta = json.loads((Path(args.detector) / "fast" / "detector.json").read_text())
     with torch.no_grad():
         clean_scores = fast.scores(x.to(model.device)).cpu()
@@ -75,6 +77,7 @@ def main() -> None:
                             iterations_check=not args.no_iterations_check)
     print(json.dumps({"detector": args.detector, "n_images": int(len(x)), "n_test_images": args.n,
                       "offset": args.offset, "steps": args.steps, "restarts": args.restarts,
+                      "targets": args.targets,
                       "clean_flagged": float((clean_scores > fast.threshold).float().mean()),
                       "margin": fast.margin is not None,
                       "hardening": fast_meta.get("hardening"), **result, "seconds": round(time.time() - start, 1)}))

@@ -7,7 +7,11 @@ for the true class and, through the surrogate, the detector's adversarial score,
 
     loss = max(z_y - max_{j != y} z_j, -kappa) + lam * max(D(S(x)) - (threshold - kappa_d), 0)
 
-with random restarts (and, in a sweep, the previous eps's result both as it is and as a start).
+with random restarts (and, in a sweep, the previous eps's result both as it is and as a start);
+the multi-targeted runs (Gowal et al. 2019) replace max_{j != y} z_j by z_t for each of the
+classes t the classifier ranks next after y on the clean image, one run per class. Against a
+pipeline with randomness the attacker can't see, ``eot`` averages each step's gradient over
+that many draws (expectation over transformation, Athalye et al. 2018).
 The attacker knows the whole pipeline, so it checks its candidates on the *real* one (the
 classifier, the full mask optimisation, the detector) and keeps, per image, one that succeeds
 there. Success means exactly that: the classifier is wrong and the real mask of the adversarial
@@ -109,29 +113,55 @@ class AdaptiveConfig:
     kappa: float = 2.0  # classifier margin the attacker aims for
     kappa_detector: float = 1.0  # how far under the threshold the attacker aims
     seed: int = 0
+    targets: torch.Tensor | None = None  # per image, the class a targeted run aims for (None: any wrong class)
+    eot: int = 1  # gradients averaged over this many calls of the attacked maps (expectation over their randomness)
 
     def __post_init__(self) -> None:
         if not 0 < self.eps <= 1:
             raise OptionError(f"eps must lie in (0, 1], got {self.eps}")
-        if self.steps < 1 or self.restarts < 1:
-            raise OptionError("steps and restarts must be at least 1")
+        if self.steps < 1 or self.restarts < 1 or self.eot < 1:
+            raise OptionError("steps, restarts and eot must be at least 1")
 
 
-def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """z_y - max_{j != y} z_j per image (negative: misclassified)."""
+def _margin(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
+    """z_y - max_{j != y} z_j per image (negative: misclassified); with ``target``, z_y - z_target."""
     true = logits.gather(1, y[:, None]).squeeze(1)
+    if target is not None:
+        return true - logits.gather(1, target.to(logits.device)[:, None]).squeeze(1)
     return true - logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
 
 
 def _losses(model: ModelWrapper, surrogate: nn.Module, detector_net: nn.Module, x: torch.Tensor, y: torch.Tensor,
             threshold: float, cfg: AdaptiveConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    margin = _margin(model(x), y)
+    """The attack loss, the classifier's (targeted) margin and the detector's score (zeros when ``cfg.lam``
+    is 0: an attack on the classifier alone does not run the detector)."""
+    margin = _margin(model(x), y, cfg.targets)
+    if cfg.lam == 0:
+        return margin.clamp_min(-cfg.kappa), margin, torch.zeros_like(margin)
     score = detector_net(surrogate(x))
     loss = margin.clamp_min(-cfg.kappa) + cfg.lam * (score - (threshold - cfg.kappa_detector)).clamp_min(0)
     return loss, margin, score
 
 
-def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, images: torch.Tensor,
+def next_classes(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """N x k: per image, the k classes ranked highest after the first (the multi-targeted runs' targets)."""
+    if not 0 <= k < logits.shape[1]:
+        raise OptionError(f"the multi-targeted attack aims for at most {logits.shape[1] - 1} other classes, got {k}")
+    return logits.argsort(1, descending=True)[:, 1:1 + k]
+
+
+def classifier_alone(model: ModelWrapper, images: torch.Tensor, labels: torch.Tensor, eps: float, steps: int,
+                     restarts: int, seed: int = 0) -> float:
+    """The share of ``images`` that the same PGD fools with the detector term off: a sound attack on an
+    undefended classifier reaches 100% at a large eps (a sanity check of every report)."""
+    cfg = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, lam=0.0, seed=seed)
+    fooled = torch.zeros(len(images), dtype=torch.bool)
+    for x in adaptive_candidates(model, nn.Identity(), None, images, labels, cfg):
+        fooled |= model.logits(x).argmax(1).cpu() != labels.cpu()
+    return float(fooled.float().mean()) if len(images) else float("nan")
+
+
+def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector | None, images: torch.Tensor,
                         labels: torch.Tensor, cfg: AdaptiveConfig, init: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One PGD result per restart, within ``cfg.eps`` (L-inf) of ``images``, each on ``model.device``.
 
@@ -139,9 +169,13 @@ def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: Mas
     at a smaller eps, which lies inside this ball too) adds two candidates: ``init`` itself,
     untouched, and a run that starts there. Keeping ``init`` unchanged is what makes a larger
     budget never do worse than a smaller one once candidates are chosen on the real pipeline.
+    ``detector`` may be None when ``cfg.lam`` is 0 (the classifier alone is attacked).
     """
     device = model.device
-    detector_net = detector._fitted()
+    if detector is None and cfg.lam != 0:
+        raise OptionError("an attack with a detector term (lam > 0) needs the detector")
+    detector_net = nn.Identity() if detector is None else detector._fitted()
+    threshold = 0.0 if detector is None else detector.threshold_
     alpha = cfg.alpha if cfg.alpha is not None else 2.5 * cfg.eps / cfg.steps
     x0, y = images.to(device).float(), labels.to(device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
@@ -161,8 +195,10 @@ def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: Mas
                 x = start.clone()
             for _ in range(cfg.steps):
                 x.requires_grad_(True)
-                loss, _, _ = _losses(model, surrogate, detector_net, x, y, detector.threshold_, cfg)
-                grad, = torch.autograd.grad(loss.sum(), x)
+                grad = torch.zeros_like(x)
+                for _ in range(cfg.eot):  # EOT: a randomised pipeline draws afresh on every call
+                    loss, _, _ = _losses(model, surrogate, detector_net, x, y, threshold, cfg)
+                    grad += torch.autograd.grad(loss.sum(), x)[0]
                 with torch.no_grad():
                     x = project(x - alpha * grad.sign())
             candidates.append(x.detach())
@@ -330,7 +366,8 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
                   "start); per image the attacker keeps a candidate that succeeds on the real pipeline (classifier, "
                   "full mask optimisation, detector), the smallest perturbation first",
         "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
-        "restarts": config.adaptive_restarts,
+        "restarts": config.adaptive_restarts, "targets": config.adaptive_targets,
+        "settings": [list(pair) for pair in config.adaptive_settings],
         **adaptive_sweep(wrapper, surrogate, detector, mask_config, x, y, config, progress, None),
     }
     if fast is not None:
@@ -349,18 +386,28 @@ def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_c
            real_maps: Callable[[torch.Tensor], torch.Tensor] | None, iterations_check: bool = True) -> dict[str, Any]:
     """The eps sweep (each eps also restarting from the previous one's result), the more-iterations run
     (unless ``iterations_check`` is False: then ``more_iterations`` is None) and the sanity checks, for one
-    attacked pipeline."""
+    attacked pipeline: success grows with eps and reaches about 100%, more steps add about nothing, and
+    the same PGD on the classifier alone (detector term off) fools it on every image at the largest eps."""
     from tqdm.auto import tqdm
 
+    # the multi-targeted runs aim for the classes the classifier ranks next on the clean image
+    aims: list[torch.Tensor | None] = [None]
+    if config.adaptive_targets:
+        aims += list(next_classes(wrapper.logits(x.to(wrapper.device)).cpu(), config.adaptive_targets).T)
+
     def attack(eps: float, steps: int, restarts: int, init: torch.Tensor | None = None):
-        # each (lam, kappa) run in turn, each keeping the best images so far: the last result is the best of all
+        # each (lam, kappa) run in turn, untargeted then each target, each keeping the best images so far:
+        # the last result is the best of all
         runs = 0
         for lam, kappa in config.adaptive_settings:
-            settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed, lam=lam, kappa=kappa)
-            result, init = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init,
-                                             real_maps=real_maps)
-            runs += result.restarts
-        return {**result.to_dict(), "restarts": runs, "settings": [list(s) for s in config.adaptive_settings]}, init
+            for aim in aims:
+                settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed, lam=lam,
+                                          kappa=kappa, targets=aim)
+                result, init = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init,
+                                                 real_maps=real_maps)
+                runs += result.restarts
+        return {**result.to_dict(), "restarts": runs, "settings": [list(s) for s in config.adaptive_settings],
+                "targets": config.adaptive_targets}, init
 
     # each eps also restarts from the previous (smaller) eps's result: a larger budget can't do worse
     sweep_results, previous = [], None
@@ -368,8 +415,11 @@ def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_c
         result, previous = attack(eps, config.adaptive_steps, config.adaptive_restarts, init=previous)
         sweep_results.append(result)
     successes = [result["success"] for result in sweep_results]
+    largest = max(config.adaptive_eps)
     sanity = {"success_grows_with_eps": all(later >= earlier - 0.02 for earlier, later in zip(successes, successes[1:])),
-              "success_at_largest_eps": successes[-1], "more_iterations_gain": None}
+              "success_at_largest_eps": successes[-1], "more_iterations_gain": None,
+              "classifier_alone_at_largest_eps": classifier_alone(wrapper, x, y, largest, config.adaptive_steps,
+                                                                  config.adaptive_restarts, config.seed)}
     more_iterations = None
     if iterations_check:  # at the main eps, both runs from random starts only
         base, _ = attack(config.main_eps, config.adaptive_steps, config.adaptive_restarts)

@@ -31,6 +31,8 @@ class EvaluateConfig:
     # (lam, kappa) of each attacker run, in turn, each keeping the best images so far: on the fast path + margin
     # the detector-term weight 1 alone fooled 24% of images at 2/255, then 0.3 after it 96% (README, margin section)
     adaptive_settings: tuple[tuple[float, float], ...] = ((1.0, 2.0), (0.3, 2.0))
+    # multi-targeted runs after each setting's untargeted one: the classes ranked next on the clean image
+    adaptive_targets: int = 0
     gallery: int = 6
     methods: tuple[str, ...] = ()  # mask methods to compare with the detector's (extremal, robust)
     n_methods: int = 200
@@ -55,6 +57,9 @@ class EvaluateConfig:
                 raise UnknownNameError("mask method", name, list(MASK_METHODS))
         if not self.adaptive_settings or any(len(s) != 2 or min(s) < 0 for s in self.adaptive_settings):
             raise OptionError("adaptive_settings: give at least one (lam, kappa) pair, both >= 0")
+        if self.adaptive_targets < 0:
+            raise OptionError(f"adaptive_targets: the number of classes the multi-targeted runs aim for (0: untargeted "
+                              f"only), got {self.adaptive_targets}")
         if self.n_baseline > self.n or self.n_methods > self.n or self.adaptive_n > self.n // 2:
             raise OptionError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "
                              "uses the evaluation half)")

@@ -204,6 +204,8 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                                                        ("success", "fooled", "detected", "surrogate_success")])
                            for i, r in enumerate(adaptive["sweep"])],
                           note=f"{adaptive['method']}; {adaptive['steps']} steps, {adaptive['restarts']} restarts, "
+                               f"runs (lam, kappa) {adaptive['settings']}, each untargeted then aimed at each of "
+                               f"{adaptive['targets']} next-ranked classes, on "
                                f"{adaptive['n_images']} correctly classified evaluation-half images. Success = the "
                                "classifier is wrong and the real mask of the adversarial image passes the "
                                "detector."), None))
@@ -212,6 +214,8 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
             ("success grows with eps", [Cell("adaptive|sanity|success_grows_with_eps", str)]),
             (f"gain from {more['steps']} instead of {adaptive['steps']} steps at eps {more['eps'] * 255:g}/255 "
              "(should be about 0)", [Cell("adaptive|sanity|more_iterations_gain")]),
+            ("the same PGD on the classifier alone, fooled at the largest eps (should be 100%)",
+             [Cell("adaptive|sanity|classifier_alone_at_largest_eps")]),
             ("surrogate fit: mean |mask error| on held-out pairs", [Cell("adaptive|surrogate|val_l1", dec)])],
             level=3), "adaptive"))
         fast = adaptive.get("fast_path")
@@ -228,7 +232,9 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                  [Cell("adaptive|fast_path|sanity|success_at_largest_eps")]),
                 ("success grows with eps", [Cell("adaptive|fast_path|sanity|success_grows_with_eps", str)]),
                 (f"gain from {more['steps']} instead of {adaptive['steps']} steps at eps {more['eps'] * 255:g}/255 "
-                 "(should be about 0)", [Cell("adaptive|fast_path|sanity|more_iterations_gain")])], level=3), None))
+                 "(should be about 0)", [Cell("adaptive|fast_path|sanity|more_iterations_gain")]),
+                ("the same PGD on the classifier alone, fooled at the largest eps (should be 100%)",
+                 [Cell("adaptive|fast_path|sanity|classifier_alone_at_largest_eps")])], level=3), None))
     out.append((Table("Run", ["stage", "seconds"], [(k, [Cell(f"timings|{k}", str)]) for k in report["timings"]],
                       note="Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())), None))
     return out

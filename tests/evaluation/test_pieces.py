@@ -120,6 +120,98 @@ def test_more_attacker_settings_never_lower_success(tiny_model, tiny_images):
         EvaluateConfig(adaptive_settings=())
 
 
+def test_multi_targeted_runs_aim_for_the_next_classes_and_never_lower_success(tiny_model, tiny_images):
+    """A targeted run drives the image into its target class; adding targeted runs can only add successes."""
+    from advdetect.evaluation.adaptive import adaptive_candidates, adaptive_sweep, next_classes
+
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0], [5.0, 4.0, -1.0, 0.0]])
+    assert next_classes(logits, 2).tolist() == [[3, 2], [1, 3]]
+    with pytest.raises(ValueError, match="at most 3"):
+        next_classes(logits, 4)
+    x, y, mask_config, _, det, surrogate = attacked_setup(tiny_model, tiny_images)
+    aim = next_classes(tiny_model.logits(x), 2)[:, 1]  # the third-ranked class of each image
+    cfg = AdaptiveConfig(eps=32 / 255, steps=20, lam=0.0, targets=aim)
+    adv, = adaptive_candidates(tiny_model, surrogate, None, x, y, cfg)
+    hit = tiny_model.predict(adv) == aim
+    untargeted, = adaptive_candidates(tiny_model, surrogate, None, x, y, AdaptiveConfig(eps=32 / 255, steps=20,
+                                                                                         lam=0.0))
+    assert hit.float().mean() >= 0.8 and hit.float().mean() > (tiny_model.predict(untargeted) == aim).float().mean()
+    rows = {}
+    for targets in (0, 2):
+        config = EvaluateConfig(n=40, n_baseline=8, n_methods=8, adaptive_n=16, adaptive_eps=(1 / 255, 4 / 255),
+                                adaptive_steps=4, adaptive_targets=targets)
+        rows[targets] = adaptive_sweep(tiny_model, surrogate, det, mask_config, x, y, config, False, None,
+                                       iterations_check=False)["sweep"]
+    for plain, targeted in zip(rows[0], rows[2]):
+        assert targeted["success"] >= plain["success"] and targeted["targets"] == 2
+        # each setting: untargeted, then two targeted runs (each also starting from the best images so far)
+        assert targeted["restarts"] == plain["restarts"] + 2 * 2 * 2
+    with pytest.raises(ValueError, match="adaptive_targets"):
+        EvaluateConfig(adaptive_targets=-1)
+
+
+def test_eot_averages_each_step_over_fresh_draws(tiny_model, tiny_images):
+    """With eot=R the attacked maps are called R times per step (each call draws afresh); on a deterministic
+    pipeline that changes nothing (the sign of R equal gradients is the sign of one)."""
+    from advdetect.evaluation.adaptive import adaptive_candidates
+
+    x = tiny_images[:16]
+    y = tiny_model.predict(x)
+    weights = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+
+    class Linear:  # a detector whose score is a fixed linear function of its maps
+        threshold_ = -1e6  # every image is over it: the detector term is active throughout
+
+        def _fitted(self):
+            return Score()
+
+    class Score(torch.nn.Module):
+        def forward(self, maps):
+            return (maps * weights).flatten(1).sum(1)
+
+    class Maps(torch.nn.Module):  # multiplicative noise: each draw changes the gradient
+        def __init__(self, noise: float) -> None:
+            super().__init__()
+            self.calls, self.noise = 0, noise
+
+        def forward(self, images):
+            self.calls += 1
+            return images * (1 + self.noise * torch.randn_like(images))
+
+    runs = {}
+    for eot in (1, 3):
+        maps = Maps(0.0)
+        runs[eot], = adaptive_candidates(tiny_model, maps, Linear(), x, y, AdaptiveConfig(eps=8 / 255, steps=5, eot=eot,
+                                                                                          lam=100.0))
+        assert maps.calls == 5 * eot
+    assert torch.equal(runs[1], runs[3])
+    torch.manual_seed(0)
+    noisy, = adaptive_candidates(tiny_model, Maps(2.0), Linear(), x, y, AdaptiveConfig(eps=8 / 255, steps=5, eot=3,
+                                                                                       lam=100.0))
+    assert not torch.equal(noisy, runs[3])  # the draws do reach the gradient
+    with pytest.raises(ValueError, match="eot"):
+        AdaptiveConfig(eot=0)
+
+
+def test_classifier_alone_sanity_check(tiny_model, tiny_images):
+    """The report's check that the same PGD fools the undefended classifier: all images at a large eps,
+    not at a tiny one (so the check can fail)."""
+    from advdetect.evaluation.adaptive import adaptive_candidates, adaptive_sweep, classifier_alone
+
+    x, y, mask_config, _, det, surrogate = attacked_setup(tiny_model, tiny_images)
+    assert classifier_alone(tiny_model, x, y, 32 / 255, 10, 1) == 1.0
+    assert classifier_alone(tiny_model, x, y, 0.2 / 255, 10, 1) < 0.5
+    tiny_model.train()
+    config = EvaluateConfig(n=40, n_baseline=8, n_methods=8, adaptive_n=16, adaptive_eps=(0.2 / 255, 32 / 255),
+                            adaptive_steps=10, adaptive_settings=((1.0, 2.0),))
+    sanity = adaptive_sweep(tiny_model, surrogate, det, mask_config, x, y, config, False, None,
+                            iterations_check=False)["sanity"]
+    assert sanity["classifier_alone_at_largest_eps"] == 1.0
+    assert tiny_model.training  # the caller's mode is restored
+    with pytest.raises(ValueError, match="needs the detector"):
+        adaptive_candidates(tiny_model, surrogate, None, x, y, AdaptiveConfig(eps=8 / 255, lam=1.0))
+
+
 def test_sweep_and_config():
     cfg = EvaluateConfig(attacks=("fgsm", "cw"), eps=(8 / 255, 4 / 255))
     assert [s.key for s in sweep(cfg)] == ["fgsm@4/255", "fgsm@8/255", "cw"]

@@ -89,7 +89,9 @@ def test_json_has_every_section(report_dir):
     ad = report["adaptive"]
     assert [r["eps"] for r in ad["sweep"]] == pytest.approx([8 / 255, 32 / 255])
     assert ad["steps"] == 3 and ad["restarts"] == 1 and ad["more_iterations"]["steps"] == 12
-    assert set(ad["sanity"]) == {"success_grows_with_eps", "success_at_largest_eps", "more_iterations_gain"}
+    assert set(ad["sanity"]) == {"success_grows_with_eps", "success_at_largest_eps", "more_iterations_gain",
+                                 "classifier_alone_at_largest_eps"}
+    assert 0 <= ad["sanity"]["classifier_alone_at_largest_eps"] <= 1 and ad["targets"] == 0
     fast = ad["fast_path"]  # the detector's fast path, attacked white box on the same images
     assert [r["eps"] for r in fast["sweep"]] == pytest.approx([8 / 255, 32 / 255]) and set(fast["sanity"]) == set(
         ad["sanity"]) and "no surrogate" in fast["method"]
