@@ -100,6 +100,9 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     recovery_masks_config, recovery = deployed.recovery_masks_config, deployed.recovery_config
     data = DataSpec.recorded(meta.get("data"), *(() if data is None else (data.path, data.data_dir,
                                                                          data.classes_file)))
+    if config.adaptive and config.adaptive_targets >= wrapper.info.num_classes:
+        raise OptionError(f"--adaptive-targets {config.adaptive_targets}: {wrapper.info.name} has "
+                          f"{wrapper.info.num_classes} classes, so at most {wrapper.info.num_classes - 1} other ones")
     test_images = open_split(data, "test", wrapper.info)
     if config.n > len(test_images):
         raise OptionError(f"--n {config.n}: the data holds only {len(test_images)} test images")

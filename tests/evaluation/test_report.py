@@ -179,3 +179,12 @@ def test_evaluate_refuses_images_the_detector_was_calibrated_on(quick_detector, 
     result = CliRunner().invoke(main, [*args, "--n", "24"])
     assert result.exit_code == 2 and "use --n 20 or fewer" in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_more_targets_than_other_classes(quick_detector, tmp_path):
+    """Checked before any attack runs: one line, exit 2, nothing written."""
+    args = ["evaluate", "--detector", str(quick_detector), "--out", str(tmp_path / "r"), "--data-dir",
+            str(SHARED_DATA), "--n", "24", "--adaptive-targets", "10"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "at most 9 other ones" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
