@@ -34,6 +34,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advdetect import Guard  # noqa: E402
+from advdetect.detector import detection_metrics  # noqa: E402
 from advdetect.evaluation.adaptive import AdaptiveConfig, FastPathMaps, evaluate_adaptive  # noqa: E402
 from advdetect.evaluation.config import parse_eps_list, parse_settings  # noqa: E402
 from advdetect.splits import load_split  # noqa: E402
@@ -59,17 +60,6 @@ def real_maps(fast, sigma: float):
         with torch.no_grad():
             return torch.cat([fast.maps(noisy(x[i:i + 512], sigma))[0] for i in range(0, len(x), 512)])
     return maps
-
-
-def row(clean: np.ndarray, adv: np.ndarray, threshold: float) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    from advdetect.detector.metrics import tpr_at_fpr
-
-    labels, values = np.r_[np.zeros(len(clean)), np.ones(len(adv))], np.r_[clean, adv]
-    return {"roc_auc": round(float(roc_auc_score(labels, values)), 4),
-            "tpr_at_5fpr": round(tpr_at_fpr(labels, values, 0.05), 4),
-            "tpr_at_threshold": round(float((adv > threshold).mean()), 4)}
 
 
 def main() -> None:
@@ -113,8 +103,10 @@ def main() -> None:
         detector = randomised(sigma)
         maps = real_maps(fast, sigma)
         c = detector.decision_function(maps(clean))
-        table = {name: row(c, detector.decision_function(maps(s.adv[s.successful])), detector.threshold_)
-                 for name, s in splits.items()}
+        table = {}
+        for name, split in splits.items():
+            a = detector.decision_function(maps(split.adv[split.successful]))
+            table[name] = detection_metrics(np.r_[np.zeros(len(c)), np.ones(len(a))], np.r_[c, a], detector.threshold_)
         detection[f"{sigma * 255:g}/255"] = {"threshold": detector.threshold_,
                                              "clean_flagged": float((c > detector.threshold_).mean()),
                                              "attacks": table,
