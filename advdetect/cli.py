@@ -563,12 +563,15 @@ def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: 
 @click.option("--adaptive-targets", default=0, show_default=True, type=click.IntRange(min=0),
               help="Multi-targeted runs: after each untargeted run, one aimed at each of this many classes the "
                    "classifier ranks next on the clean image (each adds the cost of a run).")
+@click.option("--adaptive-unroll", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Also attack the real mask optimisation, differentiated through this many unrolled steps "
+                   "(0: the surrogate alone; each PGD step then reruns a warm-started optimisation: slow).")
 @data_options
 @common_options
 def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n_baseline: int, baselines: str,
              methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int,
-             adaptive_restarts: int, adaptive_targets: int, device: str, seed: int, as_json: bool,
-             **given: Any) -> None:
+             adaptive_restarts: int, adaptive_targets: int, adaptive_unroll: int, device: str, seed: int,
+             as_json: bool, **given: Any) -> None:
     """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
     from .evaluation.config import EvaluateConfig, parse_eps_list
     from .evaluation.harness import run_evaluation
@@ -578,7 +581,7 @@ def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n
         n_baseline=min(n_baseline, n), baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
         adaptive=adaptive, adaptive_n=min(adaptive_n, n // 2), adaptive_eps=parse_eps_list(adaptive_eps),
         adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, adaptive_targets=adaptive_targets,
-        seed=seed, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_methods=min(n_methods, n))
+        adaptive_unroll=adaptive_unroll, seed=seed, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_methods=min(n_methods, n))
     report = run_evaluation(detector_dir, out, config, data=data_spec(given), device=device, progress=True)
     emit(report, as_json, render_evaluation)
 

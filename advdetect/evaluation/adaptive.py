@@ -21,7 +21,7 @@ image scores under the calibrated threshold.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,6 +188,9 @@ def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: Mas
         starts.append(start)
     with frozen(model), frozen(detector_net), frozen(surrogate):
         for start in starts:
+            reset = getattr(surrogate, "reset", None)  # a stateful attacked pipeline (UnrolledMaps) starts afresh
+            if callable(reset):
+                reset()
             if start is None:
                 noise = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(device) * cfg.eps
                 x = (x0 + noise).clamp(0, 1)
@@ -337,6 +340,18 @@ def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskD
     return result, adv
 
 
+def surrogate_pairs(splits: list[Split], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (image, maps) pairs a surrogate is fitted to: the clean images of the first split that the classifier
+    gets right and every split's successful adversarial images, among ``rows`` (a boolean per image; all)."""
+    first = splits[0]
+    rows = torch.ones(len(first.labels), dtype=torch.bool) if rows is None else rows
+    images, maps = [first.clean[rows & first.correct]], [first.masks_clean[rows & first.correct]]
+    for split in splits:
+        images.append(split.adv[rows & split.successful])
+        maps.append(split.masks_adv[rows & split.successful])
+    return torch.cat(images), torch.cat(maps)
+
+
 def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, splits: list[Split], half: int,
                  config: EvaluateConfig, progress: bool, fast: FastPath | None = None) -> dict[str, Any]:
     """Surrogate fitted on the fit half's real masks; PGD on the eval half's correct clean images.
@@ -346,13 +361,7 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
     """
     first = splits[0]
     index = torch.arange(len(first.labels))
-    fit = index < half
-    images = [first.clean[fit & first.correct]]
-    masks = [first.masks_clean[fit & first.correct]]
-    for split in splits:
-        images.append(split.adv[fit & split.successful])
-        masks.append(split.masks_adv[fit & split.successful])
-    images_t, masks_t = torch.cat(images), torch.cat(masks)
+    images_t, masks_t = surrogate_pairs(splits, index < half)
     if len(images_t) < 20:
         raise AdvDetectError(f"too few images ({len(images_t)}) to fit the adaptive attacker's surrogate; "
                              "raise --n or pass --no-adaptive")
@@ -360,15 +369,24 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
                                            progress=progress)
     pool = ((index >= half) & first.correct).nonzero().flatten()[:config.adaptive_n]
     x, y = first.clean[pool], first.labels[pool]
+    attacked: list[nn.Module] = [surrogate]
+    unrolled = ""
+    if config.adaptive_unroll:
+        from .unrolled import UnrolledMaps
+
+        attacked.append(UnrolledMaps(make_explainer(wrapper, mask_config), detector.input_names(),
+                                     unroll=config.adaptive_unroll))
+        unrolled = (f"; then the same runs with gradients through the real mask optimisation (warm-started, "
+                    f"{config.adaptive_unroll} unrolled steps), starting from the surrogate's best")
     result = {
-        "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style); "
-                  "candidates from random restarts and, for each eps, the previous eps's result (as it is and as a "
-                  "start); per image the attacker keeps a candidate that succeeds on the real pipeline (classifier, "
-                  "full mask optimisation, detector), the smallest perturbation first",
+        "method": "PGD (L-inf) on classifier margin + detector score through a mask surrogate (BPDA-style)"
+                  f"{unrolled}; candidates from random restarts and, for each eps, the previous eps's result (as it "
+                  "is and as a start); per image the attacker keeps a candidate that succeeds on the real pipeline "
+                  "(classifier, full mask optimisation, detector), the smallest perturbation first",
         "surrogate": fit_stats, "n_images": int(len(pool)), "steps": config.adaptive_steps,
-        "restarts": config.adaptive_restarts, "targets": config.adaptive_targets,
+        "restarts": config.adaptive_restarts, "targets": config.adaptive_targets, "unroll": config.adaptive_unroll,
         "settings": [list(pair) for pair in config.adaptive_settings],
-        **adaptive_sweep(wrapper, surrogate, detector, mask_config, x, y, config, progress, None),
+        **adaptive_sweep(wrapper, attacked, detector, mask_config, x, y, config, progress, None),
     }
     if fast is not None:
         target, judge, real = fast_path_target(fast)
@@ -381,14 +399,20 @@ def run_adaptive(wrapper, detector: MaskDetector, mask_config: MaskConfig, split
     return result
 
 
-def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig, x: torch.Tensor,
-           y: torch.Tensor, config: EvaluateConfig, progress: bool,
-           real_maps: Callable[[torch.Tensor], torch.Tensor] | None, iterations_check: bool = True) -> dict[str, Any]:
-    """The eps sweep (each eps also restarting from the previous one's result), the more-iterations run
-    (unless ``iterations_check`` is False: then ``more_iterations`` is None) and the sanity checks, for one
-    attacked pipeline: success grows with eps and reaches about 100%, more steps add about nothing, and
-    the same PGD on the classifier alone (detector term off) fools it on every image at the largest eps."""
+def adaptive_sweep(wrapper, surrogate: nn.Module | Sequence[nn.Module], detector: MaskDetector, mask_config: MaskConfig,
+                   x: torch.Tensor, y: torch.Tensor, config: EvaluateConfig, progress: bool,
+                   real_maps: Callable[[torch.Tensor], torch.Tensor] | None,
+                   iterations_check: bool = True) -> dict[str, Any]:
+    """The eps sweep (each eps also restarting from the previous one's result), the more-steps and
+    more-restarts runs (unless ``iterations_check`` is False: then ``more_iterations`` and ``more_restarts``
+    are None) and the sanity checks, for one attacked pipeline: success grows with eps and reaches about
+    100%, more steps or restarts add about nothing, and the same PGD on the classifier alone (detector
+    term off) fools it on every image at the largest eps. ``surrogate``: what PGD differentiates in place
+    of the real maps; several (e.g. the surrogate network and :class:`~.unrolled.UnrolledMaps`) run in
+    turn, each keeping the best images so far."""
     from tqdm.auto import tqdm
+
+    attacked = [surrogate] if isinstance(surrogate, nn.Module) else list(surrogate)
 
     # the multi-targeted runs aim for the classes the classifier ranks next on the clean image
     aims: list[torch.Tensor | None] = [None]
@@ -399,13 +423,14 @@ def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_c
         # each (lam, kappa) run in turn, untargeted then each target, each keeping the best images so far:
         # the last result is the best of all
         runs = 0
-        for lam, kappa in config.adaptive_settings:
-            for aim in aims:
-                settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed, lam=lam,
-                                          kappa=kappa, targets=aim)
-                result, init = evaluate_adaptive(wrapper, surrogate, detector, mask_config, x, y, settings, init=init,
-                                                 real_maps=real_maps)
-                runs += result.restarts
+        for maps in attacked:
+            for lam, kappa in config.adaptive_settings:
+                for aim in aims:
+                    settings = AdaptiveConfig(eps=eps, steps=steps, restarts=restarts, seed=config.seed, lam=lam,
+                                              kappa=kappa, targets=aim)
+                    result, init = evaluate_adaptive(wrapper, maps, detector, mask_config, x, y, settings, init=init,
+                                                     real_maps=real_maps)
+                    runs += result.restarts
         return {**result.to_dict(), "restarts": runs, "settings": [list(s) for s in config.adaptive_settings],
                 "targets": config.adaptive_targets}, init
 
@@ -417,14 +442,19 @@ def adaptive_sweep(wrapper, surrogate: nn.Module, detector: MaskDetector, mask_c
     successes = [result["success"] for result in sweep_results]
     largest = max(config.adaptive_eps)
     sanity = {"success_grows_with_eps": all(later >= earlier - 0.02 for earlier, later in zip(successes, successes[1:])),
-              "success_at_largest_eps": successes[-1], "more_iterations_gain": None,
+              "success_at_largest_eps": successes[-1], "more_iterations_gain": None, "more_restarts_gain": None,
               "classifier_alone_at_largest_eps": classifier_alone(wrapper, x, y, largest, config.adaptive_steps,
                                                                   config.adaptive_restarts, config.seed)}
-    more_iterations = None
-    if iterations_check:  # at the main eps, both runs from random starts only
+    more_iterations = more_restarts = None
+    if iterations_check:  # at the main eps, all three runs from random starts only
         base, _ = attack(config.main_eps, config.adaptive_steps, config.adaptive_restarts)
         more, _ = attack(config.main_eps, 4 * config.adaptive_steps, config.adaptive_restarts)
         more_iterations = {"steps": 4 * config.adaptive_steps, "eps": config.main_eps, "result": more,
                            "baseline_success": base["success"]}
         sanity["more_iterations_gain"] = more["success"] - base["success"]
-    return {"sweep": sweep_results, "more_iterations": more_iterations, "sanity": sanity}
+        wider, _ = attack(config.main_eps, config.adaptive_steps, 4 * config.adaptive_restarts)
+        more_restarts = {"restarts": 4 * config.adaptive_restarts, "eps": config.main_eps, "result": wider,
+                         "baseline_success": base["success"]}
+        sanity["more_restarts_gain"] = wider["success"] - base["success"]
+    return {"sweep": sweep_results, "more_iterations": more_iterations, "more_restarts": more_restarts,
+            "sanity": sanity}

@@ -33,6 +33,10 @@ class EvaluateConfig:
     adaptive_settings: tuple[tuple[float, float], ...] = ((1.0, 2.0), (0.3, 2.0))
     # multi-targeted runs after each setting's untargeted one: the classes ranked next on the clean image
     adaptive_targets: int = 0
+    # after the surrogate's runs, runs that differentiate the real mask optimisation through this many unrolled
+    # steps (evaluation/unrolled.py; 0: off). Each PGD step then costs a warm-started optimisation (several seconds
+    # per 100 images on a 2-core CPU), so it is opt-in
+    adaptive_unroll: int = 0
     gallery: int = 6
     methods: tuple[str, ...] = ()  # mask methods to compare with the detector's (extremal, robust)
     n_methods: int = 200
@@ -60,6 +64,9 @@ class EvaluateConfig:
         if self.adaptive_targets < 0:
             raise OptionError(f"adaptive_targets: the number of classes the multi-targeted runs aim for (0: untargeted "
                               f"only), got {self.adaptive_targets}")
+        if self.adaptive_unroll < 0:
+            raise OptionError(f"adaptive_unroll: unrolled steps of the mask optimisation (0: off), got "
+                              f"{self.adaptive_unroll}")
         if self.n_baseline > self.n or self.n_methods > self.n or self.adaptive_n > self.n // 2:
             raise OptionError("n_baseline and n_methods must be <= n and adaptive_n <= n / 2 (the adaptive attack "
                              "uses the evaluation half)")

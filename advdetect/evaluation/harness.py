@@ -103,6 +103,9 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     if config.adaptive and config.adaptive_targets >= wrapper.info.num_classes:
         raise OptionError(f"--adaptive-targets {config.adaptive_targets}: {wrapper.info.name} has "
                           f"{wrapper.info.num_classes} classes, so at most {wrapper.info.num_classes - 1} other ones")
+    if config.adaptive and config.adaptive_unroll and mask_config.method != "meaningful":
+        raise OptionError(f"--adaptive-unroll differentiates meaningful-perturbation masks; this detector reads "
+                          f"{mask_config.method} masks")
     test_images = open_split(data, "test", wrapper.info)
     if config.n > len(test_images):
         raise OptionError(f"--n {config.n}: the data holds only {len(test_images)} test images")

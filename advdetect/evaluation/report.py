@@ -197,7 +197,6 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                           note=methods["note"]), None))
     adaptive = report.get("adaptive")
     if adaptive:
-        more = adaptive["more_iterations"]
         out.append((Table("Adaptive attack", ["eps", "success", "classifier fooled", "detected (of fooled)",
                                               "success per surrogate"],
                           [(f"{r['eps'] * 255:g}/255", [Cell(f"adaptive|sweep|{i}|{k}") for k in
@@ -209,32 +208,19 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                                f"{adaptive['n_images']} correctly classified evaluation-half images. Success = the "
                                "classifier is wrong and the real mask of the adversarial image passes the "
                                "detector."), None))
-        out.append((Table("Sanity checks", ["check", "value"], [
-            ("success at the largest eps (should be about 100%)", [Cell("adaptive|sanity|success_at_largest_eps")]),
-            ("success grows with eps", [Cell("adaptive|sanity|success_grows_with_eps", str)]),
-            (f"gain from {more['steps']} instead of {adaptive['steps']} steps at eps {more['eps'] * 255:g}/255 "
-             "(should be about 0)", [Cell("adaptive|sanity|more_iterations_gain")]),
-            ("the same PGD on the classifier alone, fooled at the largest eps (should be 100%)",
-             [Cell("adaptive|sanity|classifier_alone_at_largest_eps")]),
+        out.append((Table("Sanity checks", ["check", "value"], _sanity_rows(adaptive, adaptive, "adaptive") + [
             ("surrogate fit: mean |mask error| on held-out pairs", [Cell("adaptive|surrogate|val_l1", dec)])],
             level=3), "adaptive"))
         fast = adaptive.get("fast_path")
         if fast:
-            more = fast["more_iterations"]
             out.append((Table("Adaptive attack on the fast path", [
                 "eps", "success", "classifier fooled", "detected (of fooled)"],
                 [(f"{r['eps'] * 255:g}/255", [Cell(f"adaptive|fast_path|sweep|{i}|{k}") for k in
                                              ("success", "fooled", "detected")]) for i, r in enumerate(fast["sweep"])],
                 note=f"{fast['method']}; the same images, steps and restarts. Success = the classifier is wrong and "
                      "the fast detector (amortized masks), which `detect` uses, passes the image."), None))
-            out.append((Table("Sanity checks (fast path)", ["check", "value"], [
-                ("success at the largest eps (should be about 100%)",
-                 [Cell("adaptive|fast_path|sanity|success_at_largest_eps")]),
-                ("success grows with eps", [Cell("adaptive|fast_path|sanity|success_grows_with_eps", str)]),
-                (f"gain from {more['steps']} instead of {adaptive['steps']} steps at eps {more['eps'] * 255:g}/255 "
-                 "(should be about 0)", [Cell("adaptive|fast_path|sanity|more_iterations_gain")]),
-                ("the same PGD on the classifier alone, fooled at the largest eps (should be 100%)",
-                 [Cell("adaptive|fast_path|sanity|classifier_alone_at_largest_eps")])], level=3), None))
+            out.append((Table("Sanity checks (fast path)", ["check", "value"],
+                              _sanity_rows(adaptive, fast, "adaptive|fast_path"), level=3), None))
     out.append((Table("Run", ["stage", "seconds"], [(k, [Cell(f"timings|{k}", str)]) for k in report["timings"]],
                       note="Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())), None))
     return out
@@ -298,3 +284,20 @@ def gallery_rows(split: Split, detector: MaskDetector,
     pictures = [{"clean": split.clean[i], "clean_mask": split.recovery_clean[i], "adv": split.adv[i],
                  "adv_mask": split.recovery_adv[i]} for i in chosen]  # the deletion masks, whatever the detector reads
     return rows, pictures
+
+
+def _sanity_rows(adaptive: dict[str, Any], part: dict[str, Any], key: str) -> list[tuple[str, list[Cell]]]:
+    """The sanity checks of one attacked pipeline (``part``: the exact path's results or the fast path's)."""
+    rows = [("success at the largest eps (should be about 100%)", [Cell(f"{key}|sanity|success_at_largest_eps")]),
+            ("success grows with eps", [Cell(f"{key}|sanity|success_grows_with_eps", str)])]
+    more, wider = part.get("more_iterations"), part.get("more_restarts")
+    if more:
+        rows.append((f"gain from {more['steps']} instead of {adaptive['steps']} steps at eps {more['eps'] * 255:g}/255 "
+                     "(should be about 0, never below)", [Cell(f"{key}|sanity|more_iterations_gain")]))
+    if wider:
+        rows.append((f"gain from {wider['restarts']} instead of {adaptive['restarts']} random starts at eps "
+                     f"{wider['eps'] * 255:g}/255 (should be about 0, never below)",
+                     [Cell(f"{key}|sanity|more_restarts_gain")]))
+    rows.append(("the same PGD on the classifier alone, fooled at the largest eps (should be 100%)",
+                 [Cell(f"{key}|sanity|classifier_alone_at_largest_eps")]))
+    return rows

@@ -28,6 +28,7 @@ class MaskResult:
     prob_after: torch.Tensor  # N, target probability on the perturbed image (no noise, no jitter)
     iterations: torch.Tensor  # int64 N, iterations each image used
     config: MaskConfig = field(default_factory=MaskConfig)
+    low: torch.Tensor | None = None  # the optimised low-resolution masks the result upsamples (meaningful masks)
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])

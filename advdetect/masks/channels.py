@@ -95,6 +95,7 @@ class ChannelExtremal:
         self.model, self.layer, self.config = model, layer, config or ChannelConfig()
         self.module = find_layer(model, layer)
 
+    @torch.enable_grad()  # the loop differentiates the channel weights, even when called under no_grad
     def attribute(self, images: torch.Tensor, target: torch.Tensor | int | None = None) -> ChannelResult:
         cfg, model = self.config, self.model
         x = images.to(model.device).float()

@@ -44,7 +44,7 @@ class ExtremalPerturbation:
     def attribute(self, images: torch.Tensor, target: torch.Tensor | int | None = None,
                   progress: bool = False) -> MaskResult:
         images = check_images(images)
-        with frozen(self.model):
+        with frozen(self.model), torch.enable_grad():  # the loop differentiates the mask, even under no_grad
             probs = self._probs(images)
             targets = resolve_targets(probs, target)
             batch = self.config.batch_size or DEFAULT_BATCH.get(images.device.type, 64)

@@ -102,7 +102,7 @@ class MeaningfulPerturbation:
         param = next(iter(self.model.parameters()), None)
         if param is not None and param.device != device:
             raise ValueError(f"model is on {param.device} but images are on {device}; move one of them")
-        with frozen(self.model):
+        with frozen(self.model), torch.enable_grad():  # the loop differentiates the mask, even under no_grad
             return self._run(images, target, progress, init)
 
     # -- internals -----------------------------------------------------------------------
@@ -137,6 +137,7 @@ class MeaningfulPerturbation:
         init = 1.0 if cfg.game == "delete" else 0.5
 
         masks_out = torch.empty(n, 1, h, w, device=device)
+        low_out = torch.empty(n, 1, lh, lw, device=device)
         iters_out = torch.zeros(n, dtype=torch.long, device=device)
         next_image = 0
         active: ActiveBatch | None = None
@@ -159,6 +160,7 @@ class MeaningfulPerturbation:
                 done = active.select(finished)
                 with torch.no_grad():
                     masks_out[done.idx] = upsample(done.mask, grid)
+                    low_out[done.idx] = done.mask
                 iters_out[done.idx] = done.t
                 bar.update(len(done))
             active.last_loss = mean_loss
@@ -170,7 +172,7 @@ class MeaningfulPerturbation:
         with torch.no_grad():
             perturbed_after = self.perturb(images, masks_out)
         prob_after = self._probs(perturbed_after, targets, batch)
-        return MaskResult(masks_out, targets, prob_before, prob_after, iters_out, cfg)
+        return MaskResult(masks_out, targets, prob_before, prob_after, iters_out, cfg, low=low_out)
 
     @torch.no_grad()
     def _targets_and_probs(self, images: torch.Tensor, target: torch.Tensor | int | None,

@@ -28,7 +28,7 @@ def report_dir(fast_quick_detector, tmp_path_factory):
     result = CliRunner().invoke(main, [
         "evaluate", "--detector", str(fast_quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
         "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "6", "--adaptive-eps", "8/255,32/255",
-        "--adaptive-steps", "3", "--methods", "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA),
+        "--adaptive-steps", "3", "--adaptive-unroll", "1", "--methods", "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA),
         "--json"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout.strip().splitlines()[-1])
@@ -87,12 +87,18 @@ def test_json_has_every_section(report_dir):
     assert bl["methods"][0] == "masks" and len(bl["methods"]) == 7
     assert set(bl["winner"]) == {"fgsm@8/255", "bim@8/255", "cw"} and all(w in bl["methods"] for w in bl["winner"].values())
     ad = report["adaptive"]
+    fast = ad["fast_path"]  # the detector's fast path, attacked white box on the same images
     assert [r["eps"] for r in ad["sweep"]] == pytest.approx([8 / 255, 32 / 255])
     assert ad["steps"] == 3 and ad["restarts"] == 1 and ad["more_iterations"]["steps"] == 12
+    assert ad["more_restarts"]["restarts"] == 4 and ad["more_restarts"]["eps"] == pytest.approx(8 / 255)
     assert set(ad["sanity"]) == {"success_grows_with_eps", "success_at_largest_eps", "more_iterations_gain",
-                                 "classifier_alone_at_largest_eps"}
+                                 "more_restarts_gain", "classifier_alone_at_largest_eps"}
+    # the surrogate's runs, then the same runs through the real optimisation (1 unrolled step): twice the runs
+    assert ad["unroll"] == 1 and "real mask optimisation" in ad["method"]
+    # runs at the first eps: 1 random start, then each later run also starts from the best so far (2 each);
+    # the exact path: 2 settings x (surrogate, unrolled) = 4 runs; the fast path: 2
+    assert ad["sweep"][0]["restarts"] == 1 + 3 * 2 and fast["sweep"][0]["restarts"] == 1 + 2
     assert 0 <= ad["sanity"]["classifier_alone_at_largest_eps"] <= 1 and ad["targets"] == 0
-    fast = ad["fast_path"]  # the detector's fast path, attacked white box on the same images
     assert [r["eps"] for r in fast["sweep"]] == pytest.approx([8 / 255, 32 / 255]) and set(fast["sanity"]) == set(
         ad["sanity"]) and "no surrogate" in fast["method"]
     assert all(r["n"] == ad["n_images"] for r in fast["sweep"])

@@ -27,6 +27,15 @@ def test_batched_masks_equal_masks_optimised_alone():
     assert together.kept.shape == (3, 4)  # a quarter of 16 channels
 
 
+def test_works_under_no_grad():
+    model = make_tiny_model()
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = ChannelConfig(iterations=5)
+    with torch.no_grad():
+        inside = ChannelExtremal(model, "3", cfg).attribute(x)
+    assert torch.equal(inside.weights, ChannelExtremal(model, "3", cfg).attribute(x).weights)
+
+
 def test_model_left_as_it_was_and_bad_layers_refused():
     model = make_tiny_model().train()
     flags = [p.requires_grad for p in model.parameters()]

@@ -100,6 +100,18 @@ def test_batched_equals_one_at_a_time(tiny_model, tiny_images, cfg):
     assert torch.allclose(batched.masks, alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("cfg", [MaskConfig(iterations=10), MaskConfig(game="both", iterations=10),
+                                 MaskConfig(method="extremal", iterations=5), MaskConfig(method="robust", iterations=5)])
+def test_methods_work_under_no_grad(tiny_model, tiny_images, cfg):
+    # inference code often runs under torch.no_grad(); the mask loops differentiate the mask all the same
+    x = tiny_images[:3]
+    explainer = make_explainer(tiny_model, cfg)
+    with torch.no_grad():
+        inside = explainer.attribute(x)
+    assert torch.equal(inside.masks, explainer.attribute(x).masks) and not inside.masks.requires_grad
+    assert torch.is_grad_enabled()
+
+
 def test_methods_leave_the_model_unchanged(tiny_model, tiny_images):
     tiny_model.train()
     flags = [p.requires_grad for p in tiny_model.parameters()]
