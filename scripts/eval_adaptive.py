@@ -16,7 +16,9 @@ judged on the real pipeline. It attacks the correctly classified ones of ``--n``
 after ``--offset`` in a seeded order, checked to be none the detector was fitted or calibrated on.
 Prints one JSON line: per eps the share of images that fool classifier and detector together
 (``success``), that fool the classifier (``fooled``) and the share of those the detector flags; the
-4x-steps run at ``--check-eps`` (unless ``--no-iterations-check``); the sanity checks.
+4x-steps run at ``--check-eps`` (unless ``--no-iterations-check``); the sanity checks. ``--probe``
+attacks nothing: it prints, per attacker, :func:`advdetect.evaluation.probe.gradient_probe` on the
+clean images (does its gradient move the real detector score?).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from advdetect.data import DataSpec, images_for, shared_images  # noqa: E402
 from advdetect.detector.inputs import maps_for_result  # noqa: E402
 from advdetect.evaluation.adaptive import (adaptive_sweep, fast_path_target, surrogate_pairs,  # noqa: E402
                                            train_surrogate)
+from advdetect.evaluation.probe import gradient_probe  # noqa: E402
 from advdetect.evaluation.unrolled import UnrolledMaps  # noqa: E402
 from advdetect.masks import make_explainer  # noqa: E402
 from advdetect.splits import load_split  # noqa: E402
@@ -65,6 +68,10 @@ def main() -> None:
                         help="multi-targeted runs after each untargeted one: this many classes ranked next")
     parser.add_argument("--check-eps", default="8/255", help="eps of the 4x-steps sanity check")
     parser.add_argument("--no-iterations-check", action="store_true", help="skip the 4x-steps sanity check")
+    parser.add_argument("--probe", action="store_true",
+                        help="no attack: per attacker, how its maps' scores agree with the real ones and what one "
+                             "signed step of its gradient (--probe-step) does to the real score, beside a random step")
+    parser.add_argument("--probe-step", default="1/255")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -104,6 +111,17 @@ def main() -> None:
         clean_scores = torch.as_tensor(judge.decision_function(clean_maps.cpu())).float()
         extra = {"attackers": attackers, "unroll": args.unroll if "unrolled" in attackers else 0,
                  "refine": args.refine, "surrogate": surrogate_fit}
+    if args.probe:
+        attacked = target if isinstance(target, list) else [target]
+        names = attackers if args.path == "exact" else ["fast path"]
+        real_maps = real if real is not None else (  # noqa: E731
+            lambda z: maps_for_result(judge.input_names(), z, explainer.attribute(z)))
+        step = parse_eps_list(args.probe_step)[0]
+        probes = {name: gradient_probe(module, judge, real_maps, x, step=step, seed=args.seed)
+                  for name, module in zip(names, attacked)}
+        print(json.dumps({"detector": args.detector, "path": args.path, "n_images": int(len(x)), **extra,
+                          "probe": probes, "seconds": round(time.time() - start, 1)}))
+        return
     result = adaptive_sweep(model, target, judge, mask_config, x, labels, config, sys.stderr.isatty(), real,
                             iterations_check=not args.no_iterations_check)
     print(json.dumps({"detector": args.detector, "path": args.path, "n_images": int(len(x)), "n_test_images": args.n,
