@@ -581,7 +581,8 @@ def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n
         n_baseline=min(n_baseline, n), baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
         adaptive=adaptive, adaptive_n=min(adaptive_n, n // 2), adaptive_eps=parse_eps_list(adaptive_eps),
         adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, adaptive_targets=adaptive_targets,
-        adaptive_unroll=adaptive_unroll, seed=seed, methods=tuple(m.strip() for m in methods.split(",") if m.strip()), n_methods=min(n_methods, n))
+        adaptive_unroll=adaptive_unroll, seed=seed, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        n_methods=min(n_methods, n))
     report = run_evaluation(detector_dir, out, config, data=data_spec(given), device=device, progress=True)
     emit(report, as_json, render_evaluation)
 

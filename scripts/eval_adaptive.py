@@ -12,11 +12,12 @@ on the fast path). ``--path exact``: the detector on optimised masks, which ``de
 the ``--attackers``: ``surrogate`` (a network fitted to the real maps of the detector's own training
 sets, as ``evaluate`` does) and ``unrolled`` (the real optimisation, warm-started, differentiated
 through ``--unroll`` steps; :class:`advdetect.evaluation.unrolled.UnrolledMaps`); every candidate is
-judged on the real pipeline. It attacks the correctly classified ones of ``--n`` test images of the detector's data taken
-after ``--offset`` in a seeded order, checked to be none the detector was fitted or calibrated on.
-Prints one JSON line: per eps the share of images that fool classifier and detector together
-(``success``), that fool the classifier (``fooled``) and the share of those the detector flags; the
-4x-steps run at ``--check-eps`` (unless ``--no-iterations-check``); the sanity checks. ``--probe``
+judged on the real pipeline. It attacks the correctly classified ones of ``--n`` test images of the
+detector's data taken after ``--offset`` in a seeded order, checked to be none the detector was fitted
+or calibrated on. Prints one JSON line: per eps the share of images that fool classifier and detector
+together (``success``), that fool the classifier (``fooled``) and the share of those the detector
+flags; the 4x-steps and 4x-restarts runs at ``--check-eps`` (unless ``--no-iterations-check``); the
+sanity checks. ``--probe``
 attacks nothing: it prints, per attacker, :func:`advdetect.evaluation.probe.gradient_probe` on the
 clean images (does its gradient move the real detector score?).
 """
@@ -66,8 +67,9 @@ def main() -> None:
                              "in turn, each keeping the best images so far")
     parser.add_argument("--targets", type=int, default=0,
                         help="multi-targeted runs after each untargeted one: this many classes ranked next")
-    parser.add_argument("--check-eps", default="8/255", help="eps of the 4x-steps sanity check")
-    parser.add_argument("--no-iterations-check", action="store_true", help="skip the 4x-steps sanity check")
+    parser.add_argument("--check-eps", default="8/255", help="eps of the 4x-steps and 4x-restarts sanity checks")
+    parser.add_argument("--no-iterations-check", action="store_true",
+                        help="skip the 4x-steps and 4x-restarts sanity checks")
     parser.add_argument("--probe", action="store_true",
                         help="no attack: per attacker, how its maps' scores agree with the real ones and what one "
                              "signed step of its gradient (--probe-step) does to the real score, beside a random step")
@@ -93,7 +95,8 @@ def main() -> None:
     correct = model.logits(x).argmax(1).cpu() == labels
     x, labels = x[correct], labels[correct]
     eps = parse_eps_list(args.eps)
-    config = EvaluateConfig(eps=parse_eps_list(args.check_eps), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0, adaptive_n=len(x), adaptive_eps=eps,
+    config = EvaluateConfig(eps=parse_eps_list(args.check_eps), n=max(8, 2 * len(x)), n_baseline=0, n_methods=0,
+                            adaptive_n=len(x), adaptive_eps=eps,
                             adaptive_steps=args.steps, adaptive_restarts=args.restarts, seed=args.seed,
                             adaptive_settings=parse_settings(args.settings), adaptive_targets=args.targets)
     if args.path == "fast":
@@ -105,7 +108,8 @@ def main() -> None:
         extra = {"margin": fast.margin is not None, "hardening": fast_meta.get("hardening")}
     else:
         target, surrogate_fit = exact_attackers(deployed, attackers, args)
-        judge, real, mask_config, threshold = deployed.detector, None, deployed.mask_config, deployed.detector.threshold_
+        judge, real, mask_config = deployed.detector, None, deployed.mask_config
+        threshold = judge.threshold_
         explainer = make_explainer(model, mask_config)
         clean_maps = maps_for_result(judge.input_names(), x, explainer.attribute(x.to(model.device)))
         clean_scores = torch.as_tensor(judge.decision_function(clean_maps.cpu())).float()
