@@ -194,3 +194,19 @@ def test_evaluate_refuses_more_targets_than_other_classes(quick_detector, tmp_pa
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "at most 9 other ones" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_refuses_unrolled_gradients_for_masks_it_cannot_differentiate(quick_detector, tmp_path):
+    """--adaptive-unroll differentiates the meaningful-perturbation optimisation; an extremal detector is refused
+    before any attack runs: one line, exit 2, nothing written."""
+    det = tmp_path / "det"
+    shutil.copytree(quick_detector, det)
+    meta = json.loads((det / "detector.json").read_text())
+    meta["mask_config"]["method"] = "extremal"
+    (det / "detector.json").write_text(json.dumps(meta))
+    args = ["evaluate", "--detector", str(det), "--out", str(tmp_path / "r"), "--data-dir", str(SHARED_DATA),
+            "--n", "24", "--adaptive-unroll", "1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--adaptive-unroll differentiates" in result.output
+    assert "extremal" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()
