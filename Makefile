@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: venv
-	$(BIN)/advdetect train --model cifar10-cnn --attack bim --eps 8/255 --n 1000 --n-eval 500 --n-calibration 500 --data-dir $(DATA_DIR) --out runs/demo-detector
+	$(BIN)/advdetect train --n 100 --n-eval 100 --n-calibration 100 --data-dir $(DATA_DIR) --out runs/demo-detector
 
 test: venv
 	$(BIN)/python -m pytest -q

@@ -31,6 +31,8 @@ from .models.wrapper import frozen
 
 ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "ll-bim", "cw", "deepfool")
 LINF_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "ll-bim")
+# what `advdetect train` fits one detector on, and `evaluate` reports, unless told otherwise
+DETECTOR_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")
 DEFAULT_EPS = 8 / 255
 DEFAULT_ALPHA = 2 / 255
 DEFAULT_STEPS = {"bim": 10, "pgd": 10, "mifgsm": 10, "ll-bim": 10, "cw": 50, "deepfool": 50}

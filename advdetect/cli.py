@@ -16,6 +16,8 @@ import click
 
 from .errors import AdvDetectError, OptionError
 
+# advdetect.attacks.DETECTOR_ATTACKS, spelled out so that the CLI starts without importing torch (a test checks)
+DETECTOR_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -363,8 +365,10 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
 
 @main.command(context_settings=CONTEXT)
 @click.option("--model", default="cifar10-cnn", show_default=True, help="Model spec.")
-@click.option("--attack", default="bim", show_default=True, help="Attack(s) to train on, e.g. bim or fgsm,bim,pgd.")
-@click.option("--eps", default="8/255", show_default=True, help="L-inf budget of the attacks.")
+@click.option("--attack", default=",".join(DETECTOR_ATTACKS), show_default=True,
+              help="Attack(s) the one detector is trained on; e.g. --attack bim narrows it to BIM.")
+@click.option("--eps", default="8/255", show_default=True,
+              help="L-inf budget of the L-inf attacks (cw and deepfool are unbounded).")
 @click.option("--n", default=5000, show_default=True, type=click.IntRange(min=10),
               help="Training images, attacked; the discriminator is fitted on them (with --calibrate-on train, "
                    "the last 20% set the threshold instead).")
@@ -405,13 +409,16 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
                    "gap between its top two classes (a logistic regression fitted on the fitting images, calibrated "
                    "on the calibration images): catches DeepFool and BIM/PGD more often (README, 'Combining the "
                    "score with the classifier's margin').")
+@click.option("--squeeze", default="0.75,1.5", show_default=True,
+              help="With --margin: Gaussian blur sigmas (px) whose shift of the classifier's softmax joins the "
+                   "combination (feature squeezing's signal; catches CW-L2); none: the gap alone.")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
           fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, adaptive_rounds: int,
-          margin: bool, device: str, seed: int, as_json: bool, **options: Any) -> None:
+          margin: bool, squeeze: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -423,7 +430,7 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
                        n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs,
-                       adaptive_rounds=adaptive_rounds, margin=margin)
+                       adaptive_rounds=adaptive_rounds, margin=margin, squeeze=squeeze)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -537,7 +544,7 @@ def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: 
 @main.command(context_settings=CONTEXT)
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
-@click.option("--attacks", default=",".join(("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")), show_default=True,
+@click.option("--attacks", default=",".join(DETECTOR_ATTACKS), show_default=True,
               help="Attacks to evaluate (cw and deepfool are unbounded: one set each).")
 @click.option("--eps", "eps_list", default="4/255,8/255", show_default=True,
               help="eps sweep of the L-inf attacks; the largest is the main one.")

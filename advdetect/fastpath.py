@@ -18,12 +18,12 @@ import torch
 
 from .detector import MaskDetector, load_detector, save_detector
 from .detector.inputs import maps_for_result
-from .detector.margin import MarginCombination, log_prob_gap
+from .detector.margin import MarginCombination, classifier_evidence
 from .masks import MaskConfig, MaskResult
 from .errors import AdvDetectError, OptionError
 from .masks.amortized import AmortizedMasks, load_mask_net, save_mask_net
 from .masks.parameterization import low_res_shape
-from .models.wrapper import ModelWrapper
+from .models.wrapper import ModelWrapper, eval_mode
 
 FAST_DIR = "fast"
 MARGIN_FILE = "margin.json"
@@ -56,13 +56,15 @@ class FastPath:
         return self.combine(torch.as_tensor(self.detector.decision_function(maps)), images)
 
     def combine(self, scores: torch.Tensor, images: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
-        """The detector's ``scores`` of ``images``, combined with the classifier's gap when there is a
-        :class:`MarginCombination` (``logits``: the classifier's on ``images``, when already computed)."""
+        """The detector's ``scores`` of ``images``, combined with the classifier's gap (and blur shifts) when
+        there is a :class:`MarginCombination` (``logits``: the classifier's on ``images``, when already computed)."""
         if self.margin is None:
             return scores
-        if logits is None:
-            logits = self.explainer.model.logits(images)
-        return torch.as_tensor(self.margin.decision_function(scores, log_prob_gap(logits).cpu()))
+        model = self.explainer.model
+        with torch.no_grad(), eval_mode(model):
+            logits = model.logits(images) if logits is None else logits.to(model.device)
+            evidence = classifier_evidence(model, images.to(model.device), self.margin.squeeze, logits)
+        return torch.as_tensor(self.margin.decision_function(scores, evidence.cpu()))
 
 
 def amortized_maps(explainer: AmortizedMasks, inputs: Sequence[str], images: torch.Tensor, batch_size: int = 512,
@@ -175,13 +177,15 @@ def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int],
 def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetector, fit_dirs: Sequence[Path],
                     fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
                     settings: Any = None, seed: int = 0, progress: bool = False,
-                    hardening: Any = None, margin: bool = False) -> FastPath:
+                    hardening: Any = None, margin: bool = False,
+                    squeeze: Sequence[float] = ()) -> FastPath:
     """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
     ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
     on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
     clean images of ``calibration``. ``hardening`` (a :class:`~advdetect.hardening.HardeningConfig`):
     then adversarially train that detector against the white-box adaptive attacker. ``margin``: then
-    combine its score with the classifier's gap (:func:`fit_margin`; needs ``calibration``)."""
+    combine its score with the classifier's gap and its blur shifts at the ``squeeze`` sigmas
+    (:func:`fit_margin`; needs ``calibration``)."""
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
@@ -223,24 +227,29 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     if margin:
         usable = data.usable
         fast.margin = fit_margin(fast, data.images[usable], maps[usable], data.adversarial[usable],
-                                 calibration.images[calibration.usable], cal_maps)
+                                 calibration.images[calibration.usable], cal_maps, squeeze=squeeze)
     return fast
 
 
 def fit_margin(fast: FastPath, images: torch.Tensor, maps: torch.Tensor, adversarial: torch.Tensor,
-               clean_images: torch.Tensor, clean_maps: torch.Tensor, batch_size: int = 512) -> MarginCombination:
-    """A :class:`MarginCombination` of ``fast``'s detector score and the classifier's gap, fitted on ``images``
-    (their ``maps``; ``adversarial``: bool per image) and calibrated, at the detector's rate, on ``clean_images``
-    (their ``clean_maps``), which the detector never fitted on."""
+               clean_images: torch.Tensor, clean_maps: torch.Tensor, batch_size: int = 512,
+               squeeze: Sequence[float] = ()) -> MarginCombination:
+    """A :class:`MarginCombination` of ``fast``'s detector score and the classifier's gap (and its blur
+    shifts at the ``squeeze`` sigmas), fitted on ``images`` (their ``maps``; ``adversarial``: bool per image)
+    and calibrated, at the detector's rate, on ``clean_images`` (their ``clean_maps``), which the detector
+    never fitted on."""
     model = fast.explainer.model
+    squeeze = tuple(squeeze)
 
-    def gaps(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([log_prob_gap(model.logits(x[i:i + batch_size].to(model.device))).cpu()
-                          for i in range(0, len(x), batch_size)])
+    def evidence(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), eval_mode(model):
+            return torch.cat([classifier_evidence(model, x[i:i + batch_size].to(model.device), squeeze).cpu()
+                              for i in range(0, len(x), batch_size)])
 
-    combination = MarginCombination(fpr=getattr(fast.detector, "calibration_fpr_", fast.detector.fpr))
-    combination.fit(fast.detector.decision_function(maps), gaps(images), adversarial.long().numpy())
-    return combination.calibrate(fast.detector.decision_function(clean_maps), gaps(clean_images))
+    combination = MarginCombination(fpr=getattr(fast.detector, "calibration_fpr_", fast.detector.fpr),
+                                    squeeze=squeeze)
+    combination.fit(fast.detector.decision_function(maps), evidence(images), adversarial.long().numpy())
+    return combination.calibrate(fast.detector.decision_function(clean_maps), evidence(clean_images))
 
 
 def fit_fast_detector(detector: MaskDetector, clean: torch.Tensor, adv_sets: Sequence[torch.Tensor],

@@ -29,11 +29,12 @@ from typing import Any
 
 import torch
 
-from .attacks import AttackConfig, parse_eps
+from .attacks import DETECTOR_ATTACKS, AttackConfig, parse_eps
 from .attackset import generate_attack_set
 from .data import DataSpec, open_split, select
 from .detector import MaskDetector, save_detector
 from .detector.inputs import parse_inputs
+from .detector.margin import SQUEEZE_SIGMAS, parse_squeeze
 from .detector.network import MASK_SIZE
 from .distributed import context
 from .errors import AdvDetectError, OptionError
@@ -109,7 +110,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
                    n_calibration: int = 1000, work: str | os.PathLike | None = None,
                    fast: bool = True, fast_settings: MaskNetFit | None = None,
-                   hardening: Any = None, margin: bool = False) -> TrainReport:
+                   hardening: Any = None, margin: bool = False,
+                   squeeze: tuple[float, ...] = SQUEEZE_SIGMAS) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -124,7 +126,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     masks are meaningful deletion or preservation masks; ``fast_settings``: how the network is trained.
     ``hardening`` (:class:`~advdetect.hardening.HardeningConfig`): adversarial training of the fast
     detector against the white-box adaptive attacker (needs the fast path). ``margin``: the fast path's
-    verdict combines its detector's score with the classifier's log-probability gap
+    verdict combines its detector's score with the classifier's log-probability gap and, for each
+    ``squeeze`` blur sigma, how far that blur moves the classifier's softmax
     (:class:`~advdetect.detector.margin.MarginCombination`; needs the fast path).
     """
     if not 0 < calibration_fraction < 1:
@@ -205,7 +208,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
             read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
         fast_path = train_fast_path(model, mask_config, MaskDetector(**detector.get_params()), train_dirs, fit_keep,
                                     cal_set, settings=fast_settings, seed=seed, progress=progress,
-                                    hardening=hardening, margin=margin)
+                                    hardening=hardening, margin=margin, squeeze=squeeze)
     elif fast:
         log.warning("no fast path: amortized masks stand in for meaningful deletion or preservation masks, "
                     "not %s", mask_config.kind)
@@ -235,6 +238,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                          seconds=round(time.time() - start, 1), data=data.describe(),
                          mask_config=mask_config.to_dict(), images=records,
                          fast={"threshold": fast_path.threshold, "margin": fast_path.margin is not None,
+                               "squeeze": list(fast_path.margin.squeeze) if fast_path.margin is not None else None,
                                "metrics": fast_rows,
                                "hardening": hardening.describe() if hardening is not None and hardening.rounds
                                else None} if fast_path is not None else None)
@@ -266,21 +270,23 @@ def fast_supported(config: MaskConfig) -> bool:
     return config.method == "meaningful" and config.game in ("delete", "preserve")
 
 
-def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", eps: str = "8/255", n: int = 5000,
-              n_eval: int = 2000, out: str | os.PathLike = "detector", transfer: str | None = None,
-              mask_config: MaskConfig | dict[str, Any] | None = None, data: DataSpec | None = None, seed: int = 0,
-              device: str = "auto", progress: bool = True, batch_size: int = 256,
-              shard_size: int = 512, recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
-              n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
+def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(DETECTOR_ATTACKS),
+              eps: str = "8/255", n: int = 5000, n_eval: int = 2000, out: str | os.PathLike = "detector",
+              transfer: str | None = None, mask_config: MaskConfig | dict[str, Any] | None = None,
+              data: DataSpec | None = None, seed: int = 0, device: str = "auto", progress: bool = True,
+              batch_size: int = 256, shard_size: int = 512, recovery: RecoveryConfig | None = None,
+              calibrate_on: str = "test", n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
               work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30,
-              adaptive_rounds: int = 0, margin: bool = False) -> TrainReport:
+              adaptive_rounds: int = 0, margin: bool = False,
+              squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
     ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
     None: the default). ``fast``: also train the fast path, its mask network for ``fast_epochs`` epochs.
     ``adaptive_rounds``: rounds of adversarial training of the fast detector against the white-box
     adaptive attacker (:mod:`advdetect.hardening`; 0: none). ``margin``: combine the fast detector's
-    score with the classifier's log-probability gap.
+    score with the classifier's log-probability gap and its blur shifts at the ``squeeze`` sigmas
+    (comma-separated or a tuple; "none": the gap alone).
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
@@ -301,4 +307,4 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = "bim", ep
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration, work=work, fast=fast,
                           fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed), hardening=hardening,
-                          margin=margin)
+                          margin=margin, squeeze=parse_squeeze(squeeze))

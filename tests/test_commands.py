@@ -31,8 +31,8 @@ def last_json(result):
 @pytest.fixture(scope="module")
 def detector_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("det")
-    result = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
-                 str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
+    result = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
+                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     return out, last_json(result)
 
@@ -52,8 +52,8 @@ def test_train_report_and_artifacts(detector_dir):
     assert set(report["fast"]["metrics"]) == {"bim", "fgsm"}
     assert all(0 <= m["roc_auc"] <= 1 for m in report["fast"]["metrics"].values())
     # rerunning reuses every finished stage and gives the same report
-    again = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
-                str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
+    again = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
+                "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
     assert again.exit_code == 0 and last_json(again)["metrics"]["bim"]["roc_auc"] == m["roc_auc"]
 
 
@@ -77,7 +77,8 @@ def test_threshold_is_calibrated_on_unseen_test_images(detector_dir):
     assert len(cal_masks) == report["n_calibration"]
     assert (detector.decision_function(cal_masks) > detector.threshold_).mean() <= 0.05
     assert meta["calibrated_on"] == "test" and meta["n_calibration"] == report["n_calibration"]
-    bad = run("train", "--n", "120", "--n-eval", "9500", "--out", str(out / "x"), "--data-dir", str(SHARED_DATA))
+    bad = run("train", "--attack", "bim", "--n", "120", "--n-eval", "9500", "--out", str(out / "x"),
+              "--data-dir", str(SHARED_DATA))
     assert bad.exit_code == 2 and "exceeds the 10000" in bad.output
     bad_fpr = run("train", "--fpr", "1.5", "--out", str(out / "y"), "--data-dir", str(SHARED_DATA))
     assert bad_fpr.exit_code == 2 and "--fpr" in bad_fpr.output and not (out / "y").exists()
@@ -123,8 +124,8 @@ def test_adaptive_rounds_harden_the_fast_detector(detector_dir, tmp_path):
 
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
-    args = ["train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
-            str(SHARED_DATA), "--fast-epochs", "3", *FAST_MASKS]
+    args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
+            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "3", *FAST_MASKS]
     result = run(*args, "--adaptive-rounds", "1", "--json")
     assert result.exit_code == 0, result.output
     hardening = last_json(result)["fast"]["hardening"]
@@ -142,13 +143,14 @@ def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, 
 
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
-    args = ["train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
-            str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
+    args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
+            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
     result = run(*args, "--margin", "--json")
     assert result.exit_code == 0, result.output
     report = last_json(result)
     saved = json.loads((out / "fast" / "margin.json").read_text())
     assert report["fast"]["margin"] is True and report["fast"]["threshold"] == pytest.approx(saved["threshold"])
+    assert saved["params"]["squeeze"] == report["fast"]["squeeze"] == [0.75, 1.5]  # --squeeze's default blur shifts
     data = load_attack_set(out / "work" / "test-bim")
     save_image(data.adv[0], tmp_path / "adv.png")
     row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)
@@ -163,8 +165,8 @@ def test_retraining_without_the_fast_path_removes_the_old_one(detector_dir, tmp_
 
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
-    result = run("train", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out), "--data-dir",
-                 str(SHARED_DATA), "--transfer", "fgsm", "--json", "--no-fast", *FAST_MASKS)
+    result = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40", "--out", str(out),
+                 "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", "--no-fast", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     assert last_json(result)["fast"] is None and not (out / "fast").exists()
     data = load_attack_set(out / "work" / "test-bim")
@@ -214,9 +216,8 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     from advdetect.masks import MaskConfig, MeaningfulPerturbation
 
     out = tmp_path / "det"
-    result = run("train", "--n", "40", "--n-eval", "20", "--n-calibration", "20", "--game", "preserve", "--out",
-                 str(out), "--data-dir",
-                 str(SHARED_DATA), "--json", *FAST_MASKS)
+    result = run("train", "--attack", "bim", "--n", "40", "--n-eval", "20", "--n-calibration", "20",
+                 "--game", "preserve", "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
     assert meta["mask_config"]["game"] == "preserve" and meta["recovery_config"]["game"] == "delete"
@@ -255,8 +256,8 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
 def test_two_channel_detector_end_to_end(tmp_path):
     """--game both: the detector reads [preservation, deletion] masks; detect and recover take the same path."""
     out = tmp_path / "det"
-    result = run("train", "--n", "24", "--n-eval", "16", "--n-calibration", "12", "--game", "both", "--out",
-                 str(out), "--data-dir", str(SHARED_DATA), "--json", "--inputs", "masks", *FAST_MASKS)
+    result = run("train", "--attack", "bim", "--n", "24", "--n-eval", "16", "--n-calibration", "12", "--game", "both",
+                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", "--inputs", "masks", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
     assert meta["mask_config"]["game"] == "both" and meta["recovery_config"]["game"] == "delete"
@@ -311,3 +312,22 @@ def test_detector_with_evidence_planes_end_to_end(tmp_path):
     assert row["path"] == "fast" and row["score"] == pytest.approx(float(fast.scores(held_out.adv[:1])[0]), abs=0.05)
     bad = run("train", "--inputs", "masks,colour", "--out", str(tmp_path / "x"), "--data-dir", str(SHARED_DATA))
     assert bad.exit_code == 2 and "colour" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_bare_train_fits_one_detector_on_every_attack(tmp_path):
+    """No --attack: one detector, fitted on FGSM, BIM, PGD, MI-FGSM, CW and DeepFool, with a held-out row for each."""
+    from advdetect.attacks import DETECTOR_ATTACKS
+    from advdetect.cli import DETECTOR_ATTACKS as CLI_DEFAULT
+
+    assert CLI_DEFAULT == DETECTOR_ATTACKS  # the CLI spells the list out to start without torch
+    assert set(DETECTOR_ATTACKS) >= {"fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool"}
+    out = tmp_path / "det"
+    result = run("train", "--n", "12", "--n-eval", "10", "--n-calibration", "10", "--iterations", "10", "--no-fast",
+                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result)
+    assert list(report["metrics"]) == list(DETECTOR_ATTACKS)
+    assert all(m["trained_on"] for m in report["metrics"].values())
+    meta = json.loads((out / "detector.json").read_text())
+    assert [a["name"] for a in meta["attacks"]] == list(DETECTOR_ATTACKS)
+    assert {p.name for p in (out / "work").glob("train-*")} == {f"train-{a}" for a in DETECTOR_ATTACKS}

@@ -14,8 +14,8 @@ from advdetect.splits import load_attack_set, load_mask_set
 from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 
 pytestmark = [needs_shared, needs_builtin]
-ARGS = ["train", "--n", "48", "--n-eval", "24", "--n-calibration", "16", "--iterations", "10", "--attack-batch", "16", "--shard-size", "8",
-        "--transfer", "fgsm", "--data-dir", str(SHARED_DATA), "--json"]
+ARGS = ["train", "--attack", "bim", "--n", "48", "--n-eval", "24", "--n-calibration", "16", "--iterations", "10",
+        "--attack-batch", "16", "--shard-size", "8", "--transfer", "fgsm", "--data-dir", str(SHARED_DATA), "--json"]
 
 
 def run(cmd: list[str]) -> dict:

@@ -106,9 +106,10 @@ def test_fast_path_of_another_model_is_refused(fast_quick_detector, tmp_path):
         load_fast_path(out, load_model("cifar10-cnn"))
 
 
-@pytest.fixture
-def margin_detector(fast_quick_detector, tmp_path):
-    """The fast quick detector with a margin combination fitted on random images (plumbing, not quality)."""
+@pytest.fixture(params=[(), (0.75, 1.5)], ids=["gap", "gap+squeeze"])
+def margin_detector(fast_quick_detector, tmp_path, request):
+    """The fast quick detector with a margin combination (the gap alone, or with blur shifts) fitted on
+    random images (plumbing, not quality)."""
     from advdetect.fastpath import fit_margin
 
     out = tmp_path / "det"
@@ -116,7 +117,7 @@ def margin_detector(fast_quick_detector, tmp_path):
     fast = Guard.load(out, device="cpu").deployment.fast
     x = batch(40)
     maps, _ = fast.maps(x)
-    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20])
+    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20], squeeze=request.param)
     save_fast_path(out, fast, load_model("cifar10-cnn").info.identity())
     return out
 
@@ -124,6 +125,7 @@ def margin_detector(fast_quick_detector, tmp_path):
 def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
     from advdetect.detector.margin import log_prob_gap
     from advdetect.evaluation.adaptive import fast_path_target
+    from advdetect.masks.perturbation import gaussian_blur
 
     guard = Guard.load(margin_detector, device="cpu")
     fast = guard.deployment.fast
@@ -131,7 +133,11 @@ def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
     x = batch(8)
     verdicts = guard.check(x)
     maps, _ = fast.maps(x)
-    expected = fast.margin.decision_function(fast.detector.decision_function(maps), log_prob_gap(guard.model.logits(x)))
+    logits = guard.model.logits(x)
+    shifts = [(logits.softmax(1) - guard.model.logits(gaussian_blur(x, s)).softmax(1)).abs().sum(1) / 2
+              for s in fast.margin.squeeze]  # what the saved combination was fitted to read, by hand
+    evidence = torch.stack([log_prob_gap(logits), *shifts], 1)
+    expected = fast.margin.decision_function(fast.detector.decision_function(maps), evidence)
     assert torch.allclose(verdicts.scores, torch.as_tensor(expected), atol=1e-5)
     assert verdicts.threshold == pytest.approx(fast.margin.threshold_)
     assert fast.margin.threshold_ != pytest.approx(fast.detector.threshold_)  # the combination's, not the detector's

@@ -86,7 +86,8 @@ def test_masks_killed_twice_then_resumed_equals_uninterrupted(tmp_path):
 
 
 def test_train_killed_mid_pipeline_then_resumed_equals_uninterrupted(tmp_path):
-    args = ["--n", "40", "--n-eval", "20", "--n-calibration", "16", "--iterations", "10", "--data-dir", str(SHARED_DATA)]
+    args = ["--attack", "bim", "--n", "40", "--n-eval", "20", "--n-calibration", "16", "--iterations", "10",
+            "--data-dir", str(SHARED_DATA)]
     want = finish("train", *args, "--out", str(tmp_path / "reference"))
 
     out = tmp_path / "det"

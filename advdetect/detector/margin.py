@@ -10,7 +10,13 @@ where 0.999 and 0.999999 look the same. :class:`MarginCombination` is a logistic
 
 fitted on labelled scores and calibrated, like the detector, to a false-positive rate on clean
 images it never fitted on. It is differentiable (:meth:`MarginCombination.torch_decision`), so an
-adaptive attacker can aim at the combination itself (:class:`CombinedDetector`, :class:`WithGap`).
+adaptive attacker can aim at the combination itself (:class:`CombinedDetector`, :class:`WithEvidence`).
+
+``squeeze`` (blur scales in pixels, e.g. (0.75, 1.5)) adds feature squeezing's signal (Xu et al., NDSS
+2018) with the blur the masks already use: for each scale, half the L1 distance between the classifier's
+softmax on the image and on its Gaussian blur (:func:`blur_shift`). Minimal-L2 attacks such as CW leave
+the margin and the masks nearly normal but sit on a perturbation that a light blur undoes, so the
+prediction moves (README, "Combining the score with the classifier's margin").
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 from .metrics import threshold_for_fpr
 
 FORMAT = "advdetect.margin-combination/1"
+SQUEEZE_SIGMAS = (0.75, 1.5)  # `train --margin`'s default blur scales of the squeeze evidence (px)
 
 
 def log_prob_gap(logits: torch.Tensor) -> torch.Tensor:
@@ -34,35 +41,94 @@ def log_prob_gap(logits: torch.Tensor) -> torch.Tensor:
     return top[:, 0] - top[:, 1]
 
 
-def _features(scores: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
-    h = torch.log1p(gaps.float().clamp_min(0))
-    return torch.stack([scores.float(), h, h * h], 1)
+def blur_shift(logits: torch.Tensor, blurred_logits: torch.Tensor) -> torch.Tensor:
+    """N in [0, 1]: half the L1 distance between the softmax of ``logits`` and of ``blurred_logits``."""
+    return 0.5 * (logits.float().softmax(1) - blurred_logits.float().softmax(1)).abs().sum(1)
+
+
+def classifier_evidence(model: nn.Module, images: torch.Tensor, squeeze: tuple[float, ...] = (),
+                        logits: torch.Tensor | None = None) -> torch.Tensor:
+    """N x (1 + len(squeeze)), differentiable: the classifier's :func:`log_prob_gap` on ``images``, then its
+    :func:`blur_shift` under a Gaussian blur of each ``squeeze`` sigma (``logits``: ``model(images)``, when
+    already computed)."""
+    from ..masks.perturbation import gaussian_blur
+
+    logits = model(images) if logits is None else logits
+    columns = [log_prob_gap(logits)]
+    columns += [blur_shift(logits, model(gaussian_blur(images, sigma))).to(logits.device) for sigma in squeeze]
+    return torch.stack(columns, 1)
+
+
+def parse_squeeze(spec: str | Any) -> tuple[float, ...]:
+    """``"0.75,1.5"`` (or a sequence) -> blur sigmas; ``""`` or ``"none"``: no squeeze evidence (the gap alone)."""
+    from ..errors import OptionError
+
+    if isinstance(spec, str):
+        spec = [] if spec.strip().lower() in ("", "none") else [s for s in spec.split(",") if s.strip()]
+    try:
+        return _check_squeeze(spec)
+    except ValueError as exc:
+        raise OptionError(f"--squeeze: {exc} (e.g. 0.75,1.5, or none)") from None
+
+
+def _check_squeeze(squeeze: Any) -> tuple[float, ...]:
+    try:
+        sigmas = tuple(float(v) for v in squeeze)
+    except (TypeError, ValueError):
+        raise ValueError(f"squeeze must be a sequence of blur sigmas in pixels, got {squeeze!r}") from None
+    if not all(np.isfinite(v) and v > 0 for v in sigmas):
+        raise ValueError(f"squeeze sigmas must be finite and positive, got {sigmas}")
+    return sigmas
+
+
+def _features(scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    evidence = evidence.float()[:, None] if evidence.dim() == 1 else evidence.float()
+    h = torch.log1p(evidence[:, 0].clamp_min(0))
+    return torch.cat([torch.stack([scores.float(), h, h * h], 1), evidence[:, 1:]], 1)
 
 
 class MarginCombination:
-    """Logistic regression over (detector score, log1p(gap), log1p(gap)^2), calibrated to ``fpr``.
+    """Logistic regression over (detector score, log1p(gap), log1p(gap)^2, one blur shift per ``squeeze``
+    sigma), calibrated to ``fpr``.
 
     scikit-learn style: :meth:`fit` returns self; ``coef_``, ``intercept_``, ``mean_``, ``scale_``
     (feature standardisation) and, after :meth:`calibrate`, ``threshold_`` and ``calibration_fpr_`` are learned.
+    The ``evidence`` its methods take is :func:`classifier_evidence` with the same ``squeeze`` (with none,
+    the gaps alone, N or N x 1).
     """
 
-    def __init__(self, fpr: float = 0.05, C: float = 1.0) -> None:
+    def __init__(self, fpr: float = 0.05, C: float = 1.0, squeeze: tuple[float, ...] = ()) -> None:
         self.fpr = fpr
         self.C = C
+        self.squeeze = squeeze
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"fpr": self.fpr, "C": self.C}
+        return {"fpr": self.fpr, "C": self.C, "squeeze": tuple(self.squeeze)}
 
-    def fit(self, scores: Any, gaps: Any, y: Any) -> MarginCombination:
-        """``scores``: the detector's decision values; ``gaps``: :func:`log_prob_gap`; ``y``: 1 = adversarial.
-        Classes are weighted to balance."""
+    @property
+    def n_evidence(self) -> int:
+        """Columns of the evidence it reads: the gap, then one per squeeze sigma."""
+        return 1 + len(self.squeeze)
+
+    def _evidence(self, evidence: Any) -> torch.Tensor:
+        evidence = torch.as_tensor(evidence)
+        evidence = evidence[:, None] if evidence.dim() == 1 else evidence
+        if evidence.dim() != 2 or evidence.shape[1] != self.n_evidence:
+            raise ValueError(f"evidence must be N x {self.n_evidence} (the gap, then one blur shift per squeeze "
+                             f"sigma {tuple(self.squeeze)}), got shape {tuple(evidence.shape)}")
+        return evidence
+
+    def fit(self, scores: Any, evidence: Any, y: Any) -> MarginCombination:
+        """``scores``: the detector's decision values; ``evidence``: :func:`classifier_evidence` (with no
+        squeeze, the :func:`log_prob_gap` alone); ``y``: 1 = adversarial. Classes are weighted to balance."""
         from sklearn.linear_model import LogisticRegression
 
         if not 0 < self.fpr < 1:
             raise ValueError(f"fpr must lie in (0, 1), got {self.fpr}")
         if self.C <= 0:
             raise ValueError(f"C must be positive, got {self.C}")
-        X = _features(torch.as_tensor(scores), torch.as_tensor(gaps)).double()
+        _check_squeeze(self.squeeze)
+        X = _features(torch.as_tensor(scores), self._evidence(evidence)).double()
         y = np.asarray(y).astype(int)
         if len(X) != len(y) or set(y.tolist()) != {0, 1}:
             raise ValueError("fit needs one label per score and both classes (0 clean, 1 adversarial)")
@@ -73,23 +139,24 @@ class MarginCombination:
         self.intercept_ = float(model.intercept_[0])
         return self
 
-    def torch_decision(self, scores: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+    def torch_decision(self, scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
         """The combined score (a logit; higher is more adversarial), differentiable, on ``scores``' device."""
         if not hasattr(self, "coef_"):
-            raise RuntimeError("this MarginCombination is not fitted yet; call fit(scores, gaps, y)")
+            raise RuntimeError("this MarginCombination is not fitted yet; call fit(scores, evidence, y)")
         device = scores.device
-        X = _features(scores, gaps.to(device))
+        X = _features(scores, self._evidence(evidence).to(device))
         mean, scale = self.mean_.float().to(device), self.scale_.float().to(device)
         return ((X - mean) / scale) @ self.coef_.float().to(device) + self.intercept_
 
-    def decision_function(self, scores: Any, gaps: Any) -> np.ndarray:
+    def decision_function(self, scores: Any, evidence: Any) -> np.ndarray:
         with torch.no_grad():
-            return self.torch_decision(torch.as_tensor(scores).float(), torch.as_tensor(gaps).float()).cpu().numpy()
+            return self.torch_decision(torch.as_tensor(scores).float(),
+                                       torch.as_tensor(evidence).float()).cpu().numpy()
 
-    def calibrate(self, clean_scores: Any, clean_gaps: Any, fpr: float | None = None) -> MarginCombination:
+    def calibrate(self, clean_scores: Any, clean_evidence: Any, fpr: float | None = None) -> MarginCombination:
         """Set ``threshold_`` so that at most ``fpr`` of these clean images are flagged."""
         fpr = self.fpr if fpr is None else fpr
-        combined = self.decision_function(clean_scores, clean_gaps)
+        combined = self.decision_function(clean_scores, clean_evidence)
         if len(combined) == 0:
             raise ValueError("calibration needs at least one clean image")
         self.threshold_ = threshold_for_fpr(combined, fpr)
@@ -108,7 +175,8 @@ class MarginCombination:
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"not a margin combination (expected format {FORMAT!r})")
         try:
-            out = cls(**{k: float(v) for k, v in data["params"].items() if k in ("fpr", "C")})
+            out = cls(**{k: float(v) for k, v in data["params"].items() if k in ("fpr", "C")},
+                      squeeze=_check_squeeze(data["params"].get("squeeze", ())))
             out.coef_ = torch.tensor([float(v) for v in data["coef"]], dtype=torch.float64)
             out.mean_ = torch.tensor([float(v) for v in data["mean"]], dtype=torch.float64)
             out.scale_ = torch.tensor([float(v) for v in data["scale"]], dtype=torch.float64)
@@ -116,29 +184,30 @@ class MarginCombination:
             out.calibration_fpr_ = float(data.get("calibration_fpr", out.fpr))
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed margin combination: {err}") from None
-        if not (out.coef_.numel() == out.mean_.numel() == out.scale_.numel() == 3):
-            raise ValueError("malformed margin combination: three features expected")
+        if not (out.coef_.numel() == out.mean_.numel() == out.scale_.numel() == 2 + out.n_evidence):
+            raise ValueError(f"malformed margin combination: {2 + out.n_evidence} features expected")
         numbers = torch.cat([out.coef_, out.mean_, out.scale_, torch.tensor([out.intercept_, out.threshold_])])
         if not bool(torch.isfinite(numbers).all()) or bool((out.scale_ <= 0).any()):
             raise ValueError("malformed margin combination: values must be finite and scales positive")
         return out
 
 
-class WithGap(nn.Module):
-    """``maps(x)`` with one more constant plane holding the classifier's :func:`log_prob_gap` on ``x``."""
+class WithEvidence(nn.Module):
+    """``maps(x)`` with constant planes of the classifier's :func:`classifier_evidence` on ``x`` appended."""
 
-    def __init__(self, maps: nn.Module, model: nn.Module) -> None:
+    def __init__(self, maps: nn.Module, model: nn.Module, squeeze: tuple[float, ...] = ()) -> None:
         super().__init__()
-        self.maps, self.model = maps, model
+        self.maps, self.model, self.squeeze = maps, model, tuple(squeeze)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return with_gap_plane(self.maps(x), self.model(x))
+        return with_evidence_planes(self.maps(x), classifier_evidence(self.model, x, self.squeeze))
 
 
-def with_gap_plane(maps: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``maps`` (N x C x H x W) with a constant plane of the :func:`log_prob_gap` of ``logits`` appended."""
-    gap = log_prob_gap(logits).to(maps.device, maps.dtype)
-    return torch.cat([maps, gap[:, None, None, None].expand(-1, 1, *maps.shape[-2:])], 1)
+def with_evidence_planes(maps: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+    """``maps`` (N x C x H x W) with one constant plane per column of ``evidence`` (N or N x E) appended."""
+    evidence = evidence[:, None] if evidence.dim() == 1 else evidence
+    planes = evidence.to(maps.device, maps.dtype)[:, :, None, None].expand(-1, -1, *maps.shape[-2:])
+    return torch.cat([maps, planes], 1)
 
 
 class _CombinedNet(nn.Module):
@@ -147,12 +216,13 @@ class _CombinedNet(nn.Module):
         self.network, self.combination = network, combination
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
-        return self.combination.torch_decision(self.network(maps[:, :-1]), maps[:, -1, 0, 0])
+        e = self.combination.n_evidence
+        return self.combination.torch_decision(self.network(maps[:, :-e]), maps[:, -e:, 0, 0])
 
 
 class CombinedDetector:
     """A fitted :class:`~advdetect.detector.MaskDetector` and a calibrated :class:`MarginCombination`, seen
-    as one detector over :class:`WithGap` maps (``decision_function``, ``threshold_``, ``_fitted()``):
+    as one detector over :class:`WithEvidence` maps (``decision_function``, ``threshold_``, ``_fitted()``):
     what the adaptive attack in :mod:`advdetect.evaluation.adaptive` attacks and judges."""
 
     def __init__(self, detector: Any, combination: MarginCombination) -> None:

@@ -282,15 +282,16 @@ class FastPathMaps(nn.Module):
 
 def fast_path_target(fast: FastPath) -> tuple[nn.Module, Any, Callable[[torch.Tensor], torch.Tensor]]:
     """What a white-box attacker of ``fast`` differentiates, what judges it, and the real maps: the fast
-    path's maps and detector, with the classifier's gap plane and the margin combination when it has one."""
-    from ..detector.margin import CombinedDetector, WithGap, with_gap_plane
+    path's maps and detector, with the classifier's evidence planes (gap, blur shifts) and the margin
+    combination when it has one."""
+    from ..detector.margin import CombinedDetector, WithEvidence, classifier_evidence, with_evidence_planes
 
     maps = FastPathMaps(fast)
     if fast.margin is None:
         return maps, fast.detector, lambda images: fast.maps(images)[0]
-    model = fast.explainer.model
-    return (WithGap(maps, model), CombinedDetector(fast.detector, fast.margin),
-            lambda images: with_gap_plane(fast.maps(images)[0], model.logits(images)))
+    model, squeeze = fast.explainer.model, tuple(fast.margin.squeeze)
+    return (WithEvidence(maps, model, squeeze), CombinedDetector(fast.detector, fast.margin),
+            lambda images: with_evidence_planes(fast.maps(images)[0], classifier_evidence(model, images, squeeze)))
 
 
 def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,

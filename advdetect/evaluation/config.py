@@ -6,12 +6,12 @@ from dataclasses import asdict, dataclass
 from fractions import Fraction
 from typing import Any
 
-from ..attacks import LINF_ATTACKS, AttackConfig, parse_eps
+from ..attacks import DETECTOR_ATTACKS, LINF_ATTACKS, AttackConfig, parse_eps
 from ..errors import OptionError, UnknownNameError
 from ..masks.config import MASK_METHODS
 from .heatmaps import HEATMAP_METHODS
 
-ALL_ATTACKS = ("fgsm", "bim", "pgd", "mifgsm", "cw", "deepfool")
+ALL_ATTACKS = DETECTOR_ATTACKS
 
 
 @dataclass

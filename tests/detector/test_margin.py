@@ -10,7 +10,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from advdetect.detector.margin import CombinedDetector, MarginCombination, WithGap, log_prob_gap
+from advdetect.detector.margin import (CombinedDetector, MarginCombination, WithEvidence, blur_shift,
+                                       classifier_evidence, log_prob_gap)
+from advdetect.masks.perturbation import gaussian_blur
 
 
 def two_sided(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -111,7 +113,7 @@ def test_the_combined_detector_reads_maps_with_a_gap_plane_and_is_differentiable
     maps_of = nn.Upsample(size=8)
     detector = CombinedDetector(FittedStub(), combination)
     x = torch.rand(6, 3, 4, 4, requires_grad=True)
-    maps = WithGap(maps_of, model=_Module(classifier))(x)
+    maps = WithEvidence(maps_of, model=_Module(classifier))(x)
     assert maps.shape == (6, 4, 8, 8)
     expected = combination.decision_function(FittedStub().network_(maps_of(x)).detach(),
                                              log_prob_gap(classifier(x)).detach())
@@ -130,3 +132,75 @@ class _Module(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+def test_classifier_evidence_is_the_gap_then_one_blur_shift_per_sigma() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    x = torch.rand(6, 3, 8, 8, requires_grad=True)
+    evidence = classifier_evidence(net, x, (0.75, 1.5))
+    assert evidence.shape == (6, 3)
+    p = net(x).softmax(1)
+    for column, sigma in zip((1, 2), (0.75, 1.5)):
+        by_hand = 0.5 * (p - net(gaussian_blur(x, sigma)).softmax(1)).abs().sum(1)
+        assert torch.allclose(evidence[:, column], by_hand, atol=1e-6)
+        assert torch.allclose(blur_shift(net(x), net(gaussian_blur(x, sigma))), by_hand, atol=1e-6)
+    assert torch.allclose(evidence[:, 0], log_prob_gap(net(x)))
+    assert (evidence[:, 1:] >= 0).all() and (evidence[:, 1:] <= 1).all()
+    grad, = torch.autograd.grad(evidence[:, 1:].sum(), x)  # an attacker can differentiate the shifts
+    assert grad.abs().sum() > 0
+    assert classifier_evidence(net, x).shape == (6, 1)
+
+
+def with_shift(seed: int, n: int = 600) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Gaps and scores carry no signal; the blur shift is small on clean images, large on adversarial ones."""
+    gen = torch.Generator().manual_seed(seed)
+    gaps = torch.expm1(2 + 0.4 * torch.randn(2 * n, generator=gen))
+    shift = torch.cat([0.1 * torch.rand(n, generator=gen), 0.08 + 0.5 * torch.rand(n, generator=gen)])
+    return torch.randn(2 * n, generator=gen), torch.stack([gaps, shift], 1), np.r_[np.zeros(n), np.ones(n)]
+
+
+def test_the_blur_shift_is_read_when_asked_for_and_saved_with_its_sigmas() -> None:
+    scores, evidence, y = with_shift(0)
+    held_scores, held_evidence, held_y = with_shift(1)
+    combination = MarginCombination(squeeze=(1.0,)).fit(scores, evidence, y)
+    assert roc_auc_score(held_y, combination.decision_function(held_scores, held_evidence)) > 0.95
+    gap_only = MarginCombination().fit(scores, evidence[:, 0], y)
+    assert roc_auc_score(held_y, gap_only.decision_function(held_scores, held_evidence[:, 0])) < 0.65
+    combination.calibrate(scores[y == 0], evidence[y == 0])
+    data = json.loads(json.dumps(combination.to_dict()))
+    assert data["params"]["squeeze"] == [1.0] and len(data["coef"]) == 4
+    loaded = MarginCombination.from_dict(data)
+    assert loaded.squeeze == (1.0,) and loaded.n_evidence == 2
+    np.testing.assert_allclose(loaded.decision_function(held_scores, held_evidence),
+                               combination.decision_function(held_scores, held_evidence), rtol=1e-6)
+    with pytest.raises(ValueError, match="N x 2"):  # the gap alone is not what it was fitted on
+        combination.decision_function(held_scores, held_evidence[:, 0])
+    for bad in ({"squeeze": []}, {"squeeze": [-1.0]}, {"squeeze": [1.0, 2.0]}, {"squeeze": "wide"}):
+        with pytest.raises(ValueError):
+            MarginCombination.from_dict(data | {"params": data["params"] | bad})
+    with pytest.raises(ValueError, match="positive"):
+        MarginCombination(squeeze=(0.0,)).fit(scores, evidence, y)
+
+
+def test_a_combination_saved_before_squeeze_existed_still_loads() -> None:
+    scores, gaps, y = two_sided()
+    data = MarginCombination().fit(scores, gaps, y).calibrate(scores[y == 0], gaps[y == 0]).to_dict()
+    data["params"] = {"fpr": 0.05, "C": 1.0}  # what margin.json held before: no squeeze
+    loaded = MarginCombination.from_dict(data)
+    assert loaded.squeeze == () and loaded.n_evidence == 1
+    assert loaded.decision_function(scores, gaps).shape == (len(scores),)
+
+
+def test_squeeze_option_parsing() -> None:
+    from advdetect.detector.margin import SQUEEZE_SIGMAS, parse_squeeze
+    from advdetect.errors import OptionError
+
+    assert parse_squeeze("0.75,1.5") == (0.75, 1.5) == SQUEEZE_SIGMAS and parse_squeeze("none") == ()
+    assert parse_squeeze("") == () and parse_squeeze((2,)) == (2.0,)
+    from advdetect.cli import train  # the CLI spells its default out (it starts without torch)
+
+    assert parse_squeeze(next(p.default for p in train.params if p.name == "squeeze")) == SQUEEZE_SIGMAS
+    for bad in ("-1", "wide", "0"):
+        with pytest.raises(OptionError, match="--squeeze"):
+            parse_squeeze(bad)
