@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--eps", default="2/255,4/255,8/255,16/255")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--restarts", type=int, default=1)
-    parser.add_argument("--settings", default="1:2,0.3:2",
+    parser.add_argument("--settings", default="1:2,0.3:2,0.1:2",
                         help="the attacker's runs lam:kappa (detector-term weight : classifier margin aimed for), "
                              "in turn, each keeping the best images so far")
     parser.add_argument("--targets", type=int, default=0,

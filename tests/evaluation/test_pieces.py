@@ -144,8 +144,9 @@ def test_multi_targeted_runs_aim_for_the_next_classes_and_never_lower_success(ti
                                        iterations_check=False)["sweep"]
     for plain, targeted in zip(rows[0], rows[2]):
         assert targeted["success"] >= plain["success"] and targeted["targets"] == 2
-        # each setting: untargeted, then two targeted runs (each also starting from the best images so far)
-        assert targeted["restarts"] == plain["restarts"] + 2 * 2 * 2
+        # each setting (three by default): untargeted, then two targeted runs (each also starting from the best
+        # images so far)
+        assert targeted["restarts"] == plain["restarts"] + len(config.adaptive_settings) * 2 * 2
     with pytest.raises(ValueError, match="adaptive_targets"):
         EvaluateConfig(adaptive_targets=-1)
 

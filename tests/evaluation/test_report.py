@@ -96,8 +96,8 @@ def test_json_has_every_section(report_dir):
     # the surrogate's runs, then the same runs through the real optimisation (1 unrolled step): twice the runs
     assert ad["unroll"] == 1 and "real mask optimisation" in ad["method"]
     # runs at the first eps: 1 random start, then each later run also starts from the best so far (2 each);
-    # the exact path: 2 settings x (surrogate, unrolled) = 4 runs; the fast path: 2
-    assert ad["sweep"][0]["restarts"] == 1 + 3 * 2 and fast["sweep"][0]["restarts"] == 1 + 2
+    # the exact path: 3 settings (weights 1, 0.3, 0.1) x (surrogate, unrolled) = 6 runs; the fast path: 3
+    assert ad["sweep"][0]["restarts"] == 1 + 5 * 2 and fast["sweep"][0]["restarts"] == 1 + 2 * 2
     assert 0 <= ad["sanity"]["classifier_alone_at_largest_eps"] <= 1 and ad["targets"] == 0
     assert [r["eps"] for r in fast["sweep"]] == pytest.approx([8 / 255, 32 / 255]) and set(fast["sanity"]) == set(
         ad["sanity"]) and "no surrogate" in fast["method"]
