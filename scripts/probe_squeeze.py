@@ -20,14 +20,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from advdetect.detector.margin import blur_shift  # noqa: E402
 from advdetect.masks.perturbation import gaussian_blur  # noqa: E402
 from advdetect.models import load_recorded_model  # noqa: E402
 from advdetect.splits import load_attack_set  # noqa: E402
 
 
 def squeeze_score(model, images: torch.Tensor, sigma: float) -> torch.Tensor:
-    """L1 distance between the softmax of the images and of their blur."""
-    return (model.logits(images).softmax(1) - model.logits(gaussian_blur(images, sigma)).softmax(1)).abs().sum(1)
+    """Half the L1 distance between the softmax of the images and of their blur (what ``train --margin
+    --squeeze`` reads)."""
+    return blur_shift(model.logits(images), model.logits(gaussian_blur(images, sigma)))
 
 
 def main() -> None:

@@ -82,7 +82,8 @@ def _check_squeeze(squeeze: Any) -> tuple[float, ...]:
 
 
 def _features(scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
-    evidence = evidence.float()[:, None] if evidence.dim() == 1 else evidence.float()
+    """N x (2 + E): score, h, h^2, then the blur shifts, from N x E evidence (gap first)."""
+    evidence = evidence.float()
     h = torch.log1p(evidence[:, 0].clamp_min(0))
     return torch.cat([torch.stack([scores.float(), h, h * h], 1), evidence[:, 1:]], 1)
 
