@@ -412,13 +412,18 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
 @click.option("--squeeze", default="0.75,1.5", show_default=True,
               help="With --margin: Gaussian blur sigmas (px) whose shift of the classifier's softmax joins the "
                    "combination (feature squeezing's signal; catches CW-L2); none: the gap alone.")
+@click.option("--class-calibration/--no-class-calibration", default=False, show_default=True,
+              help="With --margin: one threshold per predicted class, so no class of clean images is flagged much "
+                   "above --fpr; give it --n-calibration 2000 or more (README, 'Per-class calibration': it costs "
+                   "detection on FGSM, BIM and PGD).")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
           fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, adaptive_rounds: int,
-          margin: bool, squeeze: str, device: str, seed: int, as_json: bool, **options: Any) -> None:
+          margin: bool, squeeze: str, class_calibration: bool, device: str, seed: int, as_json: bool,
+          **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -430,7 +435,8 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        device=device, progress=True, batch_size=attack_batch, shard_size=shard_size,
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
                        n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs,
-                       adaptive_rounds=adaptive_rounds, margin=margin, squeeze=squeeze)
+                       adaptive_rounds=adaptive_rounds, margin=margin, squeeze=squeeze,
+                       class_calibration=class_calibration)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -454,9 +460,14 @@ def render_train(r: dict[str, Any]) -> str:
                      ", ".join(f"{name} {pct(rate)}" for name, rate in per_class.items()))
     if r.get("fast"):
         combined = " + classifier margin" if r["fast"].get("margin") else ""
+        combined += ", a threshold per class" if r["fast"].get("per_class") else ""
         lines.append(f"fast path (amortized masks{combined}; `detect` uses it): " + "; ".join(
             f"{name} ROC-AUC {m['roc_auc']:.3f}, TPR {pct(m['tpr_at_5fpr'])} at 5% FPR"
             for name, m in r["fast"]["metrics"].items()))
+        fast_classes = next(iter(r["fast"]["metrics"].values()), {}).get("fpr_per_class")
+        if fast_classes:
+            lines.append("fast path: held-out clean images flagged per class: " +
+                         ", ".join(f"{name} {pct(rate)}" for name, rate in fast_classes.items()))
     for entry in ((r.get("fast") or {}).get("hardening") or {}).get("history", []):
         lines.append(f"hardening round {entry['round']}: the white-box attack fooled classifier and fast detector on "
                      f"{pct(entry['success_before_refit'])} of {entry['attacked']} fitting images before the refit")

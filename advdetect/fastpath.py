@@ -18,7 +18,7 @@ import torch
 
 from .detector import MaskDetector, load_detector, save_detector
 from .detector.inputs import maps_for_result
-from .detector.margin import MarginCombination, classifier_evidence
+from .detector.margin import MarginCombination
 from .masks import MaskConfig, MaskResult
 from .errors import AdvDetectError, OptionError
 from .masks.amortized import AmortizedMasks, load_mask_net, save_mask_net
@@ -63,7 +63,7 @@ class FastPath:
         model = self.explainer.model
         with torch.no_grad(), eval_mode(model):
             logits = model.logits(images) if logits is None else logits.to(model.device)
-            evidence = classifier_evidence(model, images.to(model.device), self.margin.squeeze, logits)
+            evidence = self.margin.evidence(model, images.to(model.device), logits)
         return torch.as_tensor(self.margin.decision_function(scores, evidence.cpu()))
 
 
@@ -178,14 +178,15 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
                     fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
                     settings: Any = None, seed: int = 0, progress: bool = False,
                     hardening: Any = None, margin: bool = False,
-                    squeeze: Sequence[float] = ()) -> FastPath:
+                    squeeze: Sequence[float] = (), class_calibration: bool = False) -> FastPath:
     """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
     ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
     on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
     clean images of ``calibration``. ``hardening`` (a :class:`~advdetect.hardening.HardeningConfig`):
     then adversarially train that detector against the white-box adaptive attacker. ``margin``: then
     combine its score with the classifier's gap and its blur shifts at the ``squeeze`` sigmas
-    (:func:`fit_margin`; needs ``calibration``)."""
+    (:func:`fit_margin`; needs ``calibration``), with one threshold per predicted class when
+    ``class_calibration``."""
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
@@ -193,6 +194,8 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     if margin and calibration is None:
         raise OptionError("the margin combination is calibrated on clean images the detector never fitted on: "
                           "give calibration images")
+    if class_calibration and not margin:
+        raise OptionError("per-class calibration sets the margin combination's thresholds: add --margin")
     settings = settings or MaskNetFit(seed=seed)
     pool = low_res_shape(tuple(model.info.input_size), config.upsample)
     per_image = 4 * len(model.info.mean) * model.info.input_size[0] * model.info.input_size[1]
@@ -227,29 +230,30 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     if margin:
         usable = data.usable
         fast.margin = fit_margin(fast, data.images[usable], maps[usable], data.adversarial[usable],
-                                 calibration.images[calibration.usable], cal_maps, squeeze=squeeze)
+                                 calibration.images[calibration.usable], cal_maps, squeeze=squeeze,
+                                 per_class=class_calibration)
     return fast
 
 
 def fit_margin(fast: FastPath, images: torch.Tensor, maps: torch.Tensor, adversarial: torch.Tensor,
                clean_images: torch.Tensor, clean_maps: torch.Tensor, batch_size: int = 512,
-               squeeze: Sequence[float] = ()) -> MarginCombination:
+               squeeze: Sequence[float] = (), per_class: bool = False) -> MarginCombination:
     """A :class:`MarginCombination` of ``fast``'s detector score and the classifier's gap (and its blur
     shifts at the ``squeeze`` sigmas), fitted on ``images`` (their ``maps``; ``adversarial``: bool per image)
     and calibrated, at the detector's rate, on ``clean_images`` (their ``clean_maps``), which the detector
-    never fitted on."""
+    never fitted on: one threshold, or with ``per_class`` one per predicted class."""
     model = fast.explainer.model
-    squeeze = tuple(squeeze)
+    combination = MarginCombination(fpr=getattr(fast.detector, "calibration_fpr_", fast.detector.fpr),
+                                    squeeze=tuple(squeeze), per_class=per_class)
 
     def evidence(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), eval_mode(model):
-            return torch.cat([classifier_evidence(model, x[i:i + batch_size].to(model.device), squeeze).cpu()
+            return torch.cat([combination.evidence(model, x[i:i + batch_size].to(model.device)).cpu()
                               for i in range(0, len(x), batch_size)])
 
-    combination = MarginCombination(fpr=getattr(fast.detector, "calibration_fpr_", fast.detector.fpr),
-                                    squeeze=squeeze)
     combination.fit(fast.detector.decision_function(maps), evidence(images), adversarial.long().numpy())
-    return combination.calibrate(fast.detector.decision_function(clean_maps), evidence(clean_images))
+    return combination.calibrate(fast.detector.decision_function(clean_maps), evidence(clean_images),
+                                 n_classes=model.info.num_classes)
 
 
 def fit_fast_detector(detector: MaskDetector, clean: torch.Tensor, adv_sets: Sequence[torch.Tensor],
@@ -271,11 +275,19 @@ def fit_fast_detector(detector: MaskDetector, clean: torch.Tensor, adv_sets: Seq
     return detector
 
 
-def fast_metrics(fast: FastPath, clean: torch.Tensor, adv: torch.Tensor) -> dict[str, float]:
-    """Detection metrics of the fast path on held-out clean images (correct) and attacks (successful)."""
+def fast_metrics(fast: FastPath, clean: torch.Tensor, adv: torch.Tensor) -> dict[str, Any]:
+    """Detection metrics of the fast path's verdict on held-out clean images (correct) and attacks
+    (successful), with the clean images flagged per predicted class."""
     import numpy as np
 
     from .detector import detection_metrics
+    from .detector.metrics import fpr_per_class
 
+    model = fast.explainer.model
     c, a = fast.scores(clean).numpy(), fast.scores(adv).numpy()
-    return detection_metrics(np.r_[np.zeros(len(c)), np.ones(len(a))], np.r_[c, a], fast.threshold)
+    out: dict[str, Any] = detection_metrics(np.r_[np.zeros(len(c)), np.ones(len(a))], np.r_[c, a], fast.threshold)
+    if len(c):
+        classes = model.predict(clean).cpu().numpy()
+        out["fpr_per_class"] = fpr_per_class(c, classes, fast.threshold, list(model.info.classes))
+        out["max_class_fpr"] = max(out["fpr_per_class"].values())
+    return out

@@ -111,7 +111,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    n_calibration: int = 1000, work: str | os.PathLike | None = None,
                    fast: bool = True, fast_settings: MaskNetFit | None = None,
                    hardening: Any = None, margin: bool = False,
-                   squeeze: tuple[float, ...] = SQUEEZE_SIGMAS) -> TrainReport:
+                   squeeze: tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -128,7 +128,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     detector against the white-box adaptive attacker (needs the fast path). ``margin``: the fast path's
     verdict combines its detector's score with the classifier's log-probability gap and, for each
     ``squeeze`` blur sigma, how far that blur moves the classifier's softmax
-    (:class:`~advdetect.detector.margin.MarginCombination`; needs the fast path).
+    (:class:`~advdetect.detector.margin.MarginCombination`; needs the fast path); ``class_calibration``:
+    that combination gets one threshold per predicted class (needs ``margin``).
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
@@ -138,6 +139,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     if margin and not (fast and fast_supported(mask_config or MaskConfig())):
         raise OptionError("the margin combination is part of the fast path: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
+    if class_calibration and not margin:
+        raise OptionError("per-class calibration sets the margin combination's thresholds: add --margin")
     if calibrate_on not in CALIBRATION_SOURCES:
         raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
     data = data or DataSpec()
@@ -208,7 +211,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
             read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
         fast_path = train_fast_path(model, mask_config, MaskDetector(**detector.get_params()), train_dirs, fit_keep,
                                     cal_set, settings=fast_settings, seed=seed, progress=progress,
-                                    hardening=hardening, margin=margin, squeeze=squeeze)
+                                    hardening=hardening, margin=margin, squeeze=squeeze,
+                                    class_calibration=class_calibration)
     elif fast:
         log.warning("no fast path: amortized masks stand in for meaningful deletion or preservation masks, "
                     "not %s", mask_config.kind)
@@ -239,6 +243,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                          mask_config=mask_config.to_dict(), images=records,
                          fast={"threshold": fast_path.threshold, "margin": fast_path.margin is not None,
                                "squeeze": list(fast_path.margin.squeeze) if fast_path.margin is not None else None,
+                               "per_class": bool(fast_path.margin is not None and fast_path.margin.per_class),
                                "metrics": fast_rows,
                                "hardening": hardening.describe() if hardening is not None and hardening.rounds
                                else None} if fast_path is not None else None)
@@ -278,7 +283,7 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
               calibrate_on: str = "test", n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
               work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30,
               adaptive_rounds: int = 0, margin: bool = False,
-              squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS) -> TrainReport:
+              squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
     ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
@@ -286,7 +291,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     ``adaptive_rounds``: rounds of adversarial training of the fast detector against the white-box
     adaptive attacker (:mod:`advdetect.hardening`; 0: none). ``margin``: combine the fast detector's
     score with the classifier's log-probability gap and its blur shifts at the ``squeeze`` sigmas
-    (comma-separated or a tuple; "none": the gap alone).
+    (comma-separated or a tuple; "none": the gap alone); ``class_calibration``: with one threshold per
+    predicted class.
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
@@ -307,4 +313,4 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration, work=work, fast=fast,
                           fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed), hardening=hardening,
-                          margin=margin, squeeze=parse_squeeze(squeeze))
+                          margin=margin, squeeze=parse_squeeze(squeeze), class_calibration=class_calibration)

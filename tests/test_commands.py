@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from advdetect.cli import main
+from advdetect.data import CIFAR10_CLASSES
 from advdetect.imageio import save_image
 from advdetect.splits import load_attack_set, load_mask_set, load_split
 
@@ -138,19 +139,27 @@ def test_adaptive_rounds_harden_the_fast_detector(detector_dir, tmp_path):
 
 
 def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, tmp_path):
-    """--margin: the fast path's verdict is a calibrated combination of its score and the classifier's gap."""
+    """--margin: the fast path's verdict is a calibrated combination of its score and the classifier's gap
+    (--class-calibration: with a threshold per predicted class)."""
     import shutil
 
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
     args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
             "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
-    result = run(*args, "--margin", "--json")
+    refused = run(*args, "--class-calibration")
+    assert refused.exit_code == 2 and "--margin" in refused.output and "Traceback" not in refused.output
+    result = run(*args, "--margin", "--class-calibration", "--json")
     assert result.exit_code == 0, result.output
     report = last_json(result)
     saved = json.loads((out / "fast" / "margin.json").read_text())
     assert report["fast"]["margin"] is True and report["fast"]["threshold"] == pytest.approx(saved["threshold"])
     assert saved["params"]["squeeze"] == report["fast"]["squeeze"] == [0.75, 1.5]  # --squeeze's default blur shifts
+    assert saved["params"]["per_class"] is True and report["fast"]["per_class"] is True
+    assert len(saved["class_offsets"]) == 10  # one per class of the classifier (0 where too few images)
+    held = report["fast"]["metrics"]["bim"]
+    assert set(held["fpr_per_class"]) <= set(CIFAR10_CLASSES) and held["max_class_fpr"] == max(
+        held["fpr_per_class"].values())
     data = load_attack_set(out / "work" / "test-bim")
     save_image(data.adv[0], tmp_path / "adv.png")
     row = json.loads(run("detect", str(tmp_path / "adv.png"), "--detector", str(out), "--json").stdout)

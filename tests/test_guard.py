@@ -106,18 +106,24 @@ def test_fast_path_of_another_model_is_refused(fast_quick_detector, tmp_path):
         load_fast_path(out, load_model("cifar10-cnn"))
 
 
-@pytest.fixture(params=[(), (0.75, 1.5)], ids=["gap", "gap+squeeze"])
+@pytest.fixture(params=[((), False), ((0.75, 1.5), False), ((0.75, 1.5), True)],
+                ids=["gap", "gap+squeeze", "gap+squeeze+per-class"])
 def margin_detector(fast_quick_detector, tmp_path, request):
-    """The fast quick detector with a margin combination (the gap alone, or with blur shifts) fitted on
-    random images (plumbing, not quality)."""
+    """The fast quick detector with a margin combination (the gap alone, or with blur shifts; with a
+    threshold per class) fitted on random images (plumbing, not quality)."""
     from advdetect.fastpath import fit_margin
 
+    squeeze, per_class = request.param
     out = tmp_path / "det"
     shutil.copytree(fast_quick_detector, out)
     fast = Guard.load(out, device="cpu").deployment.fast
     x = batch(40)
     maps, _ = fast.maps(x)
-    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20], squeeze=request.param)
+    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20], squeeze=squeeze,
+                             per_class=per_class)
+    if per_class:  # 20 random images calibrate no class on its own (all offsets 0): offsets of every size
+        assert fast.margin.class_offsets_.shape == (10,) and not fast.margin.class_offsets_.any()
+        fast.margin.class_offsets_ = torch.linspace(-2, 2, 10, dtype=torch.float64)
     save_fast_path(out, fast, load_model("cifar10-cnn").info.identity())
     return out
 
@@ -137,8 +143,12 @@ def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
     shifts = [(logits.softmax(1) - guard.model.logits(gaussian_blur(x, s)).softmax(1)).abs().sum(1) / 2
               for s in fast.margin.squeeze]  # what the saved combination was fitted to read, by hand
     evidence = torch.stack([log_prob_gap(logits), *shifts], 1)
-    expected = fast.margin.decision_function(fast.detector.decision_function(maps), evidence)
-    assert torch.allclose(verdicts.scores, torch.as_tensor(expected), atol=1e-5)
+    scores = torch.as_tensor(fast.detector.decision_function(maps))
+    expected = fast.margin._combined(scores, evidence)  # the combination's score, before any class offset
+    if fast.margin.per_class:  # shifted by the predicted class's offset from the global threshold
+        assert fast.margin.class_offsets_.abs().sum() > 0
+        expected = expected - fast.margin.class_offsets_.float()[logits.argmax(1)]
+    assert torch.allclose(verdicts.scores, expected, atol=1e-5)
     assert verdicts.threshold == pytest.approx(fast.margin.threshold_)
     assert fast.margin.threshold_ != pytest.approx(fast.detector.threshold_)  # the combination's, not the detector's
     assert torch.equal(verdicts.adversarial, verdicts.scores > fast.margin.threshold_)

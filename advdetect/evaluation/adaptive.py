@@ -284,14 +284,15 @@ def fast_path_target(fast: FastPath) -> tuple[nn.Module, Any, Callable[[torch.Te
     """What a white-box attacker of ``fast`` differentiates, what judges it, and the real maps: the fast
     path's maps and detector, with the classifier's evidence planes (gap, blur shifts) and the margin
     combination when it has one."""
-    from ..detector.margin import CombinedDetector, WithEvidence, classifier_evidence, with_evidence_planes
+    from ..detector.margin import CombinedDetector, WithEvidence, with_evidence_planes
 
     maps = FastPathMaps(fast)
     if fast.margin is None:
         return maps, fast.detector, lambda images: fast.maps(images)[0]
-    model, squeeze = fast.explainer.model, tuple(fast.margin.squeeze)
-    return (WithEvidence(maps, model, squeeze), CombinedDetector(fast.detector, fast.margin),
-            lambda images: with_evidence_planes(fast.maps(images)[0], classifier_evidence(model, images, squeeze)))
+    model, margin = fast.explainer.model, fast.margin
+    return (WithEvidence(maps, model, tuple(margin.squeeze), with_class=bool(margin.per_class)),
+            CombinedDetector(fast.detector, margin),
+            lambda images: with_evidence_planes(fast.maps(images)[0], margin.evidence(model, images)))
 
 
 def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,

@@ -204,3 +204,79 @@ def test_squeeze_option_parsing() -> None:
     for bad in ("-1", "wide", "0"):
         with pytest.raises(OptionError, match="--squeeze"):
             parse_squeeze(bad)
+
+
+def class_skewed(seed: int, n: int = 1200) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Clean images of class 0 score higher than those of class 1 (class 2: only 10 images); adversarial ones
+    score higher still. Evidence: the gap (no signal), then the predicted class."""
+    gen = torch.Generator().manual_seed(seed)
+    classes = torch.cat([torch.zeros(n // 2), torch.ones(n // 2 - 10), torch.full((10,), 2.0)])
+    clean = torch.randn(n, generator=gen) + 1.5 * (classes == 0)
+    adv = torch.randn(n, generator=gen) + 3.0
+    gaps = torch.expm1(2 + 0.4 * torch.randn(2 * n, generator=gen))
+    evidence = torch.stack([gaps, torch.cat([classes, classes])], 1)
+    return torch.cat([clean, adv]), evidence, np.r_[np.zeros(n), np.ones(n)]
+
+
+def test_per_class_calibration_keeps_every_class_at_the_rate_asked_for() -> None:
+    scores, evidence, y = class_skewed(0)
+    held_scores, held_evidence, held_y = class_skewed(1)
+    clean, held_clean = y == 0, held_y == 0
+    plain = MarginCombination(fpr=0.05).fit(scores, evidence[:, 0], y).calibrate(scores[clean], evidence[clean, 0])
+    plain_flags = plain.decision_function(held_scores[held_clean], held_evidence[held_clean, 0]) > plain.threshold_
+    per = MarginCombination(fpr=0.05, per_class=True).fit(scores, evidence, y)
+    per.calibrate(scores[clean], evidence[clean], n_classes=4)
+    flags = per.decision_function(held_scores[held_clean], held_evidence[held_clean]) > per.threshold_
+    held_classes = held_evidence[held_clean, 1].numpy()
+    # one threshold: the false positives pile up on class 0 (half the images, nearly all the flags)
+    assert plain_flags[held_classes == 0].mean() > 0.08 and plain_flags[held_classes == 1].mean() < 0.02
+    for c in (0, 1):
+        assert 0.02 < flags[held_classes == c].mean() < 0.09  # held out: at the rate asked for, within noise
+    on_calibration = per.decision_function(scores[clean], evidence[clean]) > per.threshold_
+    cal_classes = evidence[clean, 1].numpy()
+    assert all(on_calibration[cal_classes == c].mean() <= 0.05 for c in (0, 1))
+    offsets = per.class_offsets_.numpy()
+    assert offsets.shape == (4,) and offsets[0] > 0 > offsets[1]
+    assert offsets[2] == 0 and offsets[3] == 0  # too few images (10 < 2/fpr), never seen: the global threshold
+    # the verdict is the combined score shifted by the predicted class's offset
+    base = plain.__class__(fpr=0.05).fit(scores, evidence[:, 0], y).decision_function(held_scores, held_evidence[:, 0])
+    shifted = per.decision_function(held_scores, held_evidence)
+    np.testing.assert_allclose(shifted, base - offsets[held_evidence[:, 1].long().numpy()], rtol=1e-5, atol=1e-5)
+    unseen = held_evidence.clone()
+    unseen[:, 1] = 7  # a class beyond the offsets keeps the global threshold
+    np.testing.assert_allclose(per.decision_function(held_scores, unseen), base, rtol=1e-5, atol=1e-5)
+    assert per.get_params()["per_class"] is True
+
+
+def test_per_class_calibration_survives_json_and_refuses_malformed_offsets() -> None:
+    scores, evidence, y = class_skewed(0)
+    per = MarginCombination(per_class=True).fit(scores, evidence, y).calibrate(scores[y == 0], evidence[y == 0])
+    data = json.loads(json.dumps(per.to_dict()))
+    assert data["params"]["per_class"] is True and len(data["class_offsets"]) == 3
+    loaded = MarginCombination.from_dict(data)
+    np.testing.assert_allclose(loaded.decision_function(scores, evidence), per.decision_function(scores, evidence),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="N x 2"):  # it reads the class: the gap alone is not enough
+        loaded.decision_function(scores, evidence[:, 0])
+    for bad in ({"class_offsets": [0.0, float("nan"), 1.0]}, {"class_offsets": "many"},
+                {"params": data["params"] | {"per_class": "yes"}}):
+        with pytest.raises(ValueError, match="margin combination|per_class"):
+            MarginCombination.from_dict(data | bad)
+    missing = {k: v for k, v in data.items() if k != "class_offsets"}
+    with pytest.raises(ValueError, match="malformed"):
+        MarginCombination.from_dict(missing)
+    with pytest.raises(ValueError, match="n_classes"):
+        MarginCombination(per_class=True).fit(scores, evidence, y).calibrate(scores[y == 0], evidence[y == 0],
+                                                                             n_classes=2)
+
+
+def test_classifier_evidence_carries_the_predicted_class_when_asked() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.rand(6, 3, 8, 8)
+    evidence = classifier_evidence(net, x, (1.0,), with_class=True)
+    assert evidence.shape == (6, 3)
+    assert torch.equal(evidence[:, 2].long(), net(x).argmax(1))
+    assert torch.allclose(evidence[:, :2], classifier_evidence(net, x, (1.0,)))
+    combination = MarginCombination(squeeze=(1.0,), per_class=True)
+    assert combination.n_evidence == 3 and torch.equal(combination.evidence(net, x), evidence)
