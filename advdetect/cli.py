@@ -578,6 +578,10 @@ def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: 
               help="PGD steps (the sanity check reruns the main eps with 4x as many).")
 @click.option("--adaptive-restarts", default=1, show_default=True, type=click.IntRange(min=1),
               help="Random restarts per image.")
+@click.option("--adaptive-settings", default="1:2,0.3:2,0.1:2", show_default=True,
+              help="The attacker's runs, lam:kappa pairs in turn (detector-term weight : classifier margin aimed "
+                   "for), each starting from the best images so far (README, margin section: one weight alone "
+                   "stalls).")
 @click.option("--adaptive-targets", default=0, show_default=True, type=click.IntRange(min=0),
               help="Multi-targeted runs: after each untargeted run, one aimed at each of this many classes the "
                    "classifier ranks next on the clean image (each adds the cost of a run).")
@@ -588,17 +592,18 @@ def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: 
 @common_options
 def evaluate(detector_dir: str, out: str, attacks: str, eps_list: str, n: int, n_baseline: int, baselines: str,
              methods: str, n_methods: int, adaptive: bool, adaptive_n: int, adaptive_eps: str, adaptive_steps: int,
-             adaptive_restarts: int, adaptive_targets: int, adaptive_unroll: int, device: str, seed: int,
-             as_json: bool, **given: Any) -> None:
+             adaptive_restarts: int, adaptive_settings: str, adaptive_targets: int, adaptive_unroll: int, device: str,
+             seed: int, as_json: bool, **given: Any) -> None:
     """Security evaluation of a detector: report.html, report.json and report.md in OUT."""
-    from .evaluation.config import EvaluateConfig, parse_eps_list
+    from .evaluation.config import EvaluateConfig, parse_eps_list, parse_settings
     from .evaluation.harness import run_evaluation
 
     config = EvaluateConfig(
         attacks=tuple(a.strip() for a in attacks.split(",") if a.strip()), eps=parse_eps_list(eps_list), n=n,
         n_baseline=min(n_baseline, n), baselines=tuple(b.strip() for b in baselines.split(",") if b.strip()),
         adaptive=adaptive, adaptive_n=min(adaptive_n, n // 2), adaptive_eps=parse_eps_list(adaptive_eps),
-        adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts, adaptive_targets=adaptive_targets,
+        adaptive_steps=adaptive_steps, adaptive_restarts=adaptive_restarts,
+        adaptive_settings=parse_settings(adaptive_settings), adaptive_targets=adaptive_targets,
         adaptive_unroll=adaptive_unroll, seed=seed, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
         n_methods=min(n_methods, n))
     report = run_evaluation(detector_dir, out, config, data=data_spec(given), device=device, progress=True)

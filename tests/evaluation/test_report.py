@@ -28,8 +28,8 @@ def report_dir(fast_quick_detector, tmp_path_factory):
     result = CliRunner().invoke(main, [
         "evaluate", "--detector", str(fast_quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
         "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "6", "--adaptive-eps", "8/255,32/255",
-        "--adaptive-steps", "3", "--adaptive-unroll", "1", "--methods", "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA),
-        "--json"])
+        "--adaptive-steps", "3", "--adaptive-unroll", "1", "--adaptive-settings", "1:2,0.3:2", "--methods",
+        "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA), "--json"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -96,8 +96,9 @@ def test_json_has_every_section(report_dir):
     # the surrogate's runs, then the same runs through the real optimisation (1 unrolled step): twice the runs
     assert ad["unroll"] == 1 and "real mask optimisation" in ad["method"]
     # runs at the first eps: 1 random start, then each later run also starts from the best so far (2 each);
-    # the exact path: 3 settings (weights 1, 0.3, 0.1) x (surrogate, unrolled) = 6 runs; the fast path: 3
-    assert ad["sweep"][0]["restarts"] == 1 + 5 * 2 and fast["sweep"][0]["restarts"] == 1 + 2 * 2
+    # the exact path: the 2 settings asked for (weights 1, 0.3) x (surrogate, unrolled) = 4 runs; the fast path: 2
+    assert ad["settings"] == [[1.0, 2.0], [0.3, 2.0]]
+    assert ad["sweep"][0]["restarts"] == 1 + 3 * 2 and fast["sweep"][0]["restarts"] == 1 + 1 * 2
     assert 0 <= ad["sanity"]["classifier_alone_at_largest_eps"] <= 1 and ad["targets"] == 0
     assert [r["eps"] for r in fast["sweep"]] == pytest.approx([8 / 255, 32 / 255]) and set(fast["sanity"]) == set(
         ad["sanity"]) and "no surrogate" in fast["method"]
@@ -194,6 +195,10 @@ def test_evaluate_refuses_more_targets_than_other_classes(quick_detector, tmp_pa
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and "at most 9 other ones" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
+    for bad in ("1", "1:2,x:2", "-1:2", ""):
+        result = CliRunner().invoke(main, [*args[:-2], "--adaptive-settings", bad])
+        assert result.exit_code == 2 and "lam:kappa" in result.output and "Traceback" not in result.output, bad
+        assert not (tmp_path / "r").exists()
 
 
 def test_evaluate_refuses_unrolled_gradients_for_masks_it_cannot_differentiate(quick_detector, tmp_path):
