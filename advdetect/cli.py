@@ -618,6 +618,11 @@ def render_evaluation(r: dict[str, Any]) -> str:
                      f"ROC-AUC {a['roc_auc'] or float('nan'):.3f}, TPR {pct(a['tpr_at_5fpr'] or 0)} at 5% FPR, "
                      f"recovery of flagged {pct(a['flagged_recovery_top1'] or 0)} / "
                      f"{pct(a['flagged_recovery_top5'] or 0)}")
+    if r.get("fast_path"):
+        f = r["fast_path"]
+        lines.append(f"fast path (`detect` uses it): clean FPR {pct(f['clean_fpr'] or 0)}; " + "; ".join(
+            f"{key} ROC-AUC {a['roc_auc'] or float('nan'):.3f}, detected {pct(a['tpr_at_threshold'] or 0)}"
+            for key, a in f["attacks"].items()))
     if r["baselines"]["winner"]:
         lines.append("best heatmap per attack: " + ", ".join(f"{k} {w}" for k, w in r["baselines"]["winner"].items()))
     if r.get("adaptive"):

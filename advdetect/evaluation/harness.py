@@ -41,7 +41,7 @@ from ..maskset import compute_mask_set
 from ..masks import MaskConfig
 from ..recovery import RecoveryConfig
 from ..detector.metrics import fpr_per_class
-from ..splits import load_split, split_metrics
+from ..splits import Split, load_split, split_metrics
 from .adaptive import run_adaptive
 from .comparisons import baselines as compare_baselines
 from .comparisons import method_comparison, transfer_matrix
@@ -160,6 +160,11 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
                                             clean_scores)}
                       for key, (spec, _) in directories.items()}
 
+    fast_section = None
+    if fast is not None:
+        with timer.stage("fast_path_metrics"):
+            fast_section = fast_path_section(fast, splits)
+
     half = config.n // 2
     main_splits = [splits[spec.key] for spec in main_specs(config)]
     with timer.stage("transfer_matrix"):
@@ -196,6 +201,7 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
                    "baselines": f"the first {config.n_baseline} test images, halves of those"},
         "clean": clean_section,
         "attacks": per_attack,
+        "fast_path": fast_section,
         "transfer": transfer,
         "baselines": baselines,
         "adaptive": adaptive,
@@ -209,3 +215,21 @@ def _report(detector_dir, out: Path, config: EvaluateConfig, wrapper, detector: 
     report = json_safe(report)
     write_reports(out, report, pictures, classes=list(wrapper.info.classes))
     return report
+
+
+def fast_path_section(fast: Any, splits: dict[str, Split]) -> dict[str, Any]:
+    """The fast path's verdict (what ``detect`` uses) on the same held-out images: per attack, detection
+    (correct clean vs successful attacks, at its own calibrated threshold) and, once, the clean images it
+    flags per predicted class."""
+    from ..fastpath import fast_metrics
+
+    per_attack = {key: fast_metrics(fast, split.clean[split.correct], split.adv[split.successful])
+                  for key, split in splits.items()}
+    first = next(iter(per_attack.values()))  # every split holds the same clean images
+    return {"threshold": fast.threshold, "calibration_fpr": fast.calibration_fpr,
+            "margin": fast.margin is not None, "per_class_thresholds": bool(fast.margin is not None
+                                                                           and fast.margin.per_class),
+            "clean_fpr": first["fpr_at_threshold"],
+            "per_class": [{"class": name, "fpr": rate} for name, rate in first.get("fpr_per_class", {}).items()],
+            "attacks": {key: {k: v for k, v in m.items() if k not in ("fpr_per_class", "max_class_fpr")}
+                        for key, m in per_attack.items()}}

@@ -168,6 +168,7 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
     out.append((Table("Attacks", ["attack", *(title for _, title, _ in ATTACK_COLUMNS)],
                       [(key, [Cell(f"attacks|{key}|{name}", fmt) for name, _, fmt in ATTACK_COLUMNS])
                        for key in report["attacks"]], note=_recovery_note(report)), "roc"))
+    out += _fast_path_tables(report)
     transfer = report["transfer"]
     if transfer["matrix"]:
         out.append((Table("Transfer matrix (ROC-AUC)", ["trained on \\ tested on", *transfer["tested_on"]],
@@ -223,6 +224,30 @@ def tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
                               _sanity_rows(adaptive, fast, "adaptive|fast_path"), level=3), None))
     out.append((Table("Run", ["stage", "seconds"], [(k, [Cell(f"timings|{k}", str)]) for k in report["timings"]],
                       note="Versions: " + ", ".join(f"{k} {v}" for k, v in report["versions"].items())), None))
+    return out
+
+
+FAST_COLUMNS = [("roc_auc", "ROC-AUC", dec), ("tpr_at_5fpr", "TPR @5% FPR", pct), ("tpr_at_1fpr", "TPR @1% FPR", pct),
+                ("tpr_at_threshold", "detected at threshold", pct), ("n_adversarial", "n adv", str)]
+
+
+def _fast_path_tables(report: dict[str, Any]) -> list[tuple[Table, str | None]]:
+    """The fast path's verdict on the same images, when the detector has one (reports before it: none)."""
+    fast = report.get("fast_path")
+    if not fast:
+        return []
+    combined = " combined with the classifier's margin" if fast["margin"] else ""
+    combined += ", one threshold per predicted class" if fast["per_class_thresholds"] else ""
+    out = [(Table("Fast path (what `detect` uses)", ["attack", *(title for _, title, _ in FAST_COLUMNS)],
+                  [(key, [Cell(f"fast_path|attacks|{key}|{name}", fmt) for name, _, fmt in FAST_COLUMNS])
+                   for key in fast["attacks"]],
+                  note=f"Amortized masks (one network pass) and the detector fitted on them{combined}, on the same "
+                       f"held-out images as above; it flags {pct(fast['clean_fpr'])} of the correctly classified "
+                       f"clean images at its threshold (calibrated to {pct(fast['calibration_fpr'])} FPR)."), None)]
+    if fast["per_class"]:
+        out.append((Table("Clean images flagged by the fast path, per class", ["class", "false-positive rate"],
+                          [(row["class"], [Cell(f"fast_path|per_class|{i}|fpr")])
+                           for i, row in enumerate(fast["per_class"])], level=3), None))
     return out
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 
 from advdetect.cli import main
 from advdetect.evaluation.report import dec, lookup, pct
+from advdetect.splits import load_split
 
 from ..conftest import SHARED_DATA, needs_builtin, needs_shared
 
@@ -104,6 +105,26 @@ def test_json_has_every_section(report_dir):
         ad["sanity"]) and "no surrogate" in fast["method"]
     assert all(r["n"] == ad["n_images"] for r in fast["sweep"])
     assert "Adaptive attack on the fast path" in (out / "report.md").read_text()
+
+
+def test_the_fast_path_verdict_is_reported_beside_the_exact_one(report_dir, fast_quick_detector):
+    """`detect` judges with the fast path: the report shows its detection on the same images, and its clean
+    false-positive rate is what the deployed Guard gives on them."""
+    from advdetect import Guard
+
+    out, report = report_dir
+    fast = report["fast_path"]
+    assert set(fast["attacks"]) == set(report["attacks"]) and fast["margin"] is False
+    for key, row in fast["attacks"].items():
+        assert 0 <= row["roc_auc"] <= 1 and 0 <= row["tpr_at_threshold"] <= 1, key
+        assert row["n_adversarial"] == report["attacks"][key]["n_adversarial"], key
+    guard = Guard.load(fast_quick_detector, device="cpu")
+    split = load_split(sorted((out / "work").iterdir())[0], guard.deployment.mask_config.kind)
+    flagged = guard.check(split.clean[split.correct]).adversarial.float().mean()
+    assert fast["clean_fpr"] == pytest.approx(float(flagged))
+    assert [row["class"] for row in fast["per_class"]] == [row["class"] for row in report["clean"]["per_class"]]
+    text = (out / "report.md").read_text()
+    assert "Fast path (what `detect` uses)" in text and "Clean images flagged by the fast path" in text
     assert "NaN" not in (out / "report.json").read_text()  # strict JSON
     assert (out / "report.md").read_text().startswith("# Security evaluation")
 
