@@ -241,7 +241,7 @@ class MarginCombination:
             out.scale_ = torch.tensor([float(v) for v in data["scale"]], dtype=torch.float64)
             out.intercept_, out.threshold_ = float(data["intercept"]), float(data["threshold"])
             out.calibration_fpr_ = float(data.get("calibration_fpr", out.fpr))
-        except (KeyError, TypeError, ValueError) as err:
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed margin combination: {err}") from None
         features = 3 + len(out.squeeze)
         if not (out.coef_.numel() == out.mean_.numel() == out.scale_.numel() == features):

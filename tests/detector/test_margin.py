@@ -259,7 +259,7 @@ def test_per_class_calibration_survives_json_and_refuses_malformed_offsets() -> 
     with pytest.raises(ValueError, match="N x 2"):  # it reads the class: the gap alone is not enough
         loaded.decision_function(scores, evidence[:, 0])
     for bad in ({"class_offsets": [0.0, float("nan"), 1.0]}, {"class_offsets": "many"},
-                {"params": data["params"] | {"per_class": "yes"}}):
+                {"params": data["params"] | {"per_class": "yes"}}, {"params": "per_class"}):
         with pytest.raises(ValueError, match="margin combination|per_class"):
             MarginCombination.from_dict(data | bad)
     missing = {k: v for k, v in data.items() if k != "class_offsets"}
