@@ -416,14 +416,20 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
               help="With --margin: one threshold per predicted class, so no class of clean images is flagged much "
                    "above --fpr; give it --n-calibration 2000 or more (README, 'Per-class calibration': it costs "
                    "detection on FGSM, BIM and PGD).")
+@click.option("--noise", default="none", show_default=True,
+              help="With --margin: Gaussian pixel-noise sigmas (images in [0, 1]) whose shift of the classifier's "
+                   "softmax joins the combination, e.g. 0.01 (one fixed noise pattern; one classifier pass each).")
+@click.option("--combiner", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
+              help="With --margin: how the evidence is combined: logistic regression, or a small MLP that can use "
+                   "the noise shift in both directions (README, 'Noise shifts and nonlinear combiners').")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
           fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, adaptive_rounds: int,
-          margin: bool, squeeze: str, class_calibration: bool, device: str, seed: int, as_json: bool,
-          **options: Any) -> None:
+          margin: bool, squeeze: str, class_calibration: bool, noise: str, combiner: str, device: str, seed: int,
+          as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
@@ -436,7 +442,7 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
                        n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs,
                        adaptive_rounds=adaptive_rounds, margin=margin, squeeze=squeeze,
-                       class_calibration=class_calibration)
+                       class_calibration=class_calibration, noise=noise, combiner=combiner)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -460,6 +466,8 @@ def render_train(r: dict[str, Any]) -> str:
                      ", ".join(f"{name} {pct(rate)}" for name, rate in per_class.items()))
     if r.get("fast"):
         combined = " + classifier margin" if r["fast"].get("margin") else ""
+        combined += f", noise shifts at {r['fast']['noise']}" if r["fast"].get("noise") else ""
+        combined += ", MLP" if r["fast"].get("hidden") else ""
         combined += ", a threshold per class" if r["fast"].get("per_class") else ""
         lines.append(f"fast path (amortized masks{combined}; `detect` uses it): " + "; ".join(
             f"{name} ROC-AUC {m['roc_auc']:.3f}, TPR {pct(m['tpr_at_5fpr'])} at 5% FPR"

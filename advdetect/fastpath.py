@@ -177,25 +177,21 @@ def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int],
 def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetector, fit_dirs: Sequence[Path],
                     fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
                     settings: Any = None, seed: int = 0, progress: bool = False,
-                    hardening: Any = None, margin: bool = False,
-                    squeeze: Sequence[float] = (), class_calibration: bool = False) -> FastPath:
+                    hardening: Any = None, margin: MarginCombination | None = None) -> FastPath:
     """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
     ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
     on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
     clean images of ``calibration``. ``hardening`` (a :class:`~advdetect.hardening.HardeningConfig`):
-    then adversarially train that detector against the white-box adaptive attacker. ``margin``: then
-    combine its score with the classifier's gap and its blur shifts at the ``squeeze`` sigmas
-    (:func:`fit_margin`; needs ``calibration``), with one threshold per predicted class when
-    ``class_calibration``."""
+    then adversarially train that detector against the white-box adaptive attacker. ``margin`` (an
+    unfitted, configured :class:`MarginCombination`): then combine its score with the classifier's evidence
+    as that combination says (:func:`fit_margin`; needs ``calibration``)."""
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
 
-    if margin and calibration is None:
+    if margin is not None and calibration is None:
         raise OptionError("the margin combination is calibrated on clean images the detector never fitted on: "
                           "give calibration images")
-    if class_calibration and not margin:
-        raise OptionError("per-class calibration sets the margin combination's thresholds: add --margin")
     settings = settings or MaskNetFit(seed=seed)
     pool = low_res_shape(tuple(model.info.input_size), config.upsample)
     per_image = 4 * len(model.info.mean) * model.info.input_size[0] * model.info.input_size[1]
@@ -227,24 +223,25 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
         from .hardening import harden_fast_path
 
         fast = harden_fast_path(fast, data.images[clean], maps[clean], adv_sets, cal_maps, hardening, progress)
-    if margin:
+    if margin is not None:
         usable = data.usable
         fast.margin = fit_margin(fast, data.images[usable], maps[usable], data.adversarial[usable],
-                                 calibration.images[calibration.usable], cal_maps, squeeze=squeeze,
-                                 per_class=class_calibration)
+                                 calibration.images[calibration.usable], cal_maps, margin)
     return fast
 
 
 def fit_margin(fast: FastPath, images: torch.Tensor, maps: torch.Tensor, adversarial: torch.Tensor,
-               clean_images: torch.Tensor, clean_maps: torch.Tensor, batch_size: int = 512,
-               squeeze: Sequence[float] = (), per_class: bool = False) -> MarginCombination:
-    """A :class:`MarginCombination` of ``fast``'s detector score and the classifier's gap (and its blur
-    shifts at the ``squeeze`` sigmas), fitted on ``images`` (their ``maps``; ``adversarial``: bool per image)
-    and calibrated, at the detector's rate, on ``clean_images`` (their ``clean_maps``), which the detector
-    never fitted on: one threshold, or with ``per_class`` one per predicted class."""
+               clean_images: torch.Tensor, clean_maps: torch.Tensor, config: MarginCombination | None = None,
+               batch_size: int = 512) -> MarginCombination:
+    """A :class:`MarginCombination` configured as ``config`` (default: the gap alone) of ``fast``'s detector
+    score and the classifier's evidence, fitted on ``images`` (their ``maps``; ``adversarial``: bool per
+    image) and calibrated, at the detector's rate, on ``clean_images`` (their ``clean_maps``), which the
+    detector never fitted on (one threshold, or one per predicted class with ``per_class``). ``config`` is
+    left as it was."""
     model = fast.explainer.model
-    combination = MarginCombination(fpr=getattr(fast.detector, "calibration_fpr_", fast.detector.fpr),
-                                    squeeze=tuple(squeeze), per_class=per_class)
+    params = (config or MarginCombination()).get_params()
+    combination = MarginCombination(**(params | {"fpr": getattr(fast.detector, "calibration_fpr_",
+                                                                fast.detector.fpr)}))
 
     def evidence(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), eval_mode(model):

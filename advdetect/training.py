@@ -34,7 +34,7 @@ from .attackset import generate_attack_set
 from .data import DataSpec, open_split, select
 from .detector import MaskDetector, save_detector
 from .detector.inputs import parse_inputs
-from .detector.margin import SQUEEZE_SIGMAS, parse_squeeze
+from .detector.margin import SQUEEZE_SIGMAS, MarginCombination, parse_squeeze
 from .detector.network import MASK_SIZE
 from .distributed import context
 from .errors import AdvDetectError, OptionError
@@ -110,8 +110,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
                    n_calibration: int = 1000, work: str | os.PathLike | None = None,
                    fast: bool = True, fast_settings: MaskNetFit | None = None,
-                   hardening: Any = None, margin: bool = False,
-                   squeeze: tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False) -> TrainReport:
+                   hardening: Any = None, margin: MarginCombination | None = None) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -125,22 +124,18 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     ``fast``: also train the fast path (a mask network and a detector on its maps, ``out/fast/``), when the
     masks are meaningful deletion or preservation masks; ``fast_settings``: how the network is trained.
     ``hardening`` (:class:`~advdetect.hardening.HardeningConfig`): adversarial training of the fast
-    detector against the white-box adaptive attacker (needs the fast path). ``margin``: the fast path's
-    verdict combines its detector's score with the classifier's log-probability gap and, for each
-    ``squeeze`` blur sigma, how far that blur moves the classifier's softmax
-    (:class:`~advdetect.detector.margin.MarginCombination`; needs the fast path); ``class_calibration``:
-    that combination gets one threshold per predicted class (needs ``margin``).
+    detector against the white-box adaptive attacker (needs the fast path). ``margin`` (an unfitted,
+    configured :class:`~advdetect.detector.margin.MarginCombination`): the fast path's verdict combines its
+    detector's score with the classifier's evidence as that combination says (needs the fast path).
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
     if hardening is not None and hardening.rounds and not (fast and fast_supported(mask_config or MaskConfig())):
         raise OptionError("adaptive rounds harden the fast path's detector: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
-    if margin and not (fast and fast_supported(mask_config or MaskConfig())):
+    if margin is not None and not (fast and fast_supported(mask_config or MaskConfig())):
         raise OptionError("the margin combination is part of the fast path: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
-    if class_calibration and not margin:
-        raise OptionError("per-class calibration sets the margin combination's thresholds: add --margin")
     if calibrate_on not in CALIBRATION_SOURCES:
         raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
     data = data or DataSpec()
@@ -211,8 +206,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
             read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
         fast_path = train_fast_path(model, mask_config, MaskDetector(**detector.get_params()), train_dirs, fit_keep,
                                     cal_set, settings=fast_settings, seed=seed, progress=progress,
-                                    hardening=hardening, margin=margin, squeeze=squeeze,
-                                    class_calibration=class_calibration)
+                                    hardening=hardening, margin=margin)
     elif fast:
         log.warning("no fast path: amortized masks stand in for meaningful deletion or preservation masks, "
                     "not %s", mask_config.kind)
@@ -244,6 +238,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                          fast={"threshold": fast_path.threshold, "margin": fast_path.margin is not None,
                                "squeeze": list(fast_path.margin.squeeze) if fast_path.margin is not None else None,
                                "per_class": bool(fast_path.margin is not None and fast_path.margin.per_class),
+                               "noise": list(fast_path.margin.noise) if fast_path.margin is not None else None,
+                               "hidden": fast_path.margin.hidden if fast_path.margin is not None else None,
                                "metrics": fast_rows,
                                "hardening": hardening.describe() if hardening is not None and hardening.rounds
                                else None} if fast_path is not None else None)
@@ -283,7 +279,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
               calibrate_on: str = "test", n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
               work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30,
               adaptive_rounds: int = 0, margin: bool = False,
-              squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False) -> TrainReport:
+              squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False,
+              noise: str | tuple[float, ...] = (), combiner: str = "logistic") -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
     ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
@@ -291,7 +288,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     ``adaptive_rounds``: rounds of adversarial training of the fast detector against the white-box
     adaptive attacker (:mod:`advdetect.hardening`; 0: none). ``margin``: combine the fast detector's
     score with the classifier's log-probability gap and its blur shifts at the ``squeeze`` sigmas
-    (comma-separated or a tuple; "none": the gap alone); ``class_calibration``: with one threshold per
+    (comma-separated or a tuple; "none": the gap alone) and its noise shifts at the ``noise`` sigmas, with
+    ``combiner`` "logistic" or "mlp" (:data:`COMBINERS`); ``class_calibration``: with one threshold per
     predicted class.
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
@@ -301,6 +299,7 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     from .models import resolve_model
 
     hardening = HardeningConfig(rounds=adaptive_rounds, seed=seed)
+    margin_config = margin_combination(margin, squeeze, class_calibration, noise, combiner, seed)
     attacks = parse_attacks(attack, eps)
     inputs = ",".join(parse_inputs(inputs))
     transfer_attacks = parse_attacks(transfer, eps) if transfer else []
@@ -313,4 +312,24 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration, work=work, fast=fast,
                           fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed), hardening=hardening,
-                          margin=margin, squeeze=parse_squeeze(squeeze), class_calibration=class_calibration)
+                          margin=margin_config)
+
+
+COMBINERS = {"logistic": 0, "mlp": 32}  # `train --combiner`: the MarginCombination's hidden width
+
+
+def margin_combination(margin: bool, squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS,
+                       class_calibration: bool = False, noise: str | tuple[float, ...] = (),
+                       combiner: str = "logistic", seed: int = 0) -> MarginCombination | None:
+    """The unfitted :class:`MarginCombination` that ``train --margin`` and its options describe (None without
+    --margin; the options that need it are refused then)."""
+    if combiner not in COMBINERS:
+        raise OptionError(f"--combiner must be one of {', '.join(COMBINERS)}, got {combiner!r}")
+    noise = parse_squeeze(noise, "--noise")
+    if not margin:
+        if class_calibration or noise or combiner != "logistic":
+            raise OptionError("--class-calibration, --noise and --combiner configure the margin combination: "
+                              "add --margin")
+        return None
+    return MarginCombination(squeeze=parse_squeeze(squeeze), per_class=class_calibration, noise=noise,
+                             hidden=COMBINERS[combiner], seed=seed)

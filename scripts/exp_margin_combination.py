@@ -1,5 +1,6 @@
 """Experiment: the fast detector's score combined with the classifier's log-probability gap
-(and, with ``--squeeze 0.75,1.5``, how far a blur of each sigma moves the classifier's softmax).
+(and, with ``--squeeze 0.75,1.5``, how far a blur of each sigma moves the classifier's softmax; with
+``--noise 0.01``, how far Gaussian pixel noise of each sigma moves it; ``--hidden 32``: an MLP combiner).
 
     python scripts/exp_margin_combination.py --detector runs/mix-delete-800
     python scripts/exp_margin_combination.py --detector runs/mix-delete-800 --adaptive-n 100
@@ -34,21 +35,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from advdetect import Guard  # noqa: E402
 from advdetect.detector.margin import (CombinedDetector, MarginCombination, WithEvidence,  # noqa: E402
-                                       classifier_evidence, parse_squeeze, with_evidence_planes)
+                                       parse_squeeze, with_evidence_planes)
 from advdetect.detector.metrics import fpr_per_class, tpr_at_fpr  # noqa: E402
 from advdetect.splits import load_split  # noqa: E402
 
 
-def scores_and_evidence(guard: Guard, images: torch.Tensor, squeeze: tuple[float, ...]) -> tuple[np.ndarray,
-                                                                                                   np.ndarray]:
-    """The fast detector's scores and the classifier's evidence (gap, then blur shifts) of ``images``."""
+def scores_and_evidence(guard: Guard, images: torch.Tensor, combination: MarginCombination) -> tuple[np.ndarray,
+                                                                                                      np.ndarray]:
+    """The fast detector's scores and the classifier's evidence (gap, blur shifts, noise shifts) of ``images``."""
     fast = guard.deployment.fast
     scores, evidence = [], []
     with torch.no_grad():
         for start in range(0, len(images), 512):
             x = images[start:start + 512]
             scores.append(fast.scores(x).numpy())
-            evidence.append(classifier_evidence(guard.model, x, squeeze).cpu().numpy())
+            evidence.append(combination.evidence(guard.model, x).cpu().numpy())
     return np.concatenate(scores), np.concatenate(evidence)
 
 
@@ -73,6 +74,10 @@ def main() -> None:
     parser.add_argument("--squeeze", default="none",
                         help="blur sigmas whose softmax shift joins the combination, e.g. 0.75,1.5 "
                              "(none: the gap alone)")
+    parser.add_argument("--noise", default="none",
+                        help="Gaussian pixel-noise sigmas whose softmax shift joins the combination, e.g. 0.01")
+    parser.add_argument("--hidden", type=int, default=0,
+                        help="0: logistic regression; > 0: an MLP with two hidden layers of this width")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--eps", default="2/255,4/255,8/255", help="adaptive attack budgets, ascending")
     parser.add_argument("--targets", default="fast,combined", help="which verdicts to attack: fast, combined")
@@ -93,18 +98,18 @@ def main() -> None:
     if not all(sets.values()):
         raise SystemExit(f"{work} needs train-*, calibration-* and test-* sets")
 
-    squeeze = parse_squeeze(args.squeeze)
+    squeeze, noise = parse_squeeze(args.squeeze), parse_squeeze(args.noise)
+    combination = MarginCombination(fpr=fast.detector.fpr, squeeze=squeeze, noise=noise, hidden=args.hidden)
     fit_s, fit_g, fit_y = [], [], []
     for number, path in enumerate(sets["train"].values()):
         split = load_split(path, kind, inputs=inputs)
         sides = ((("clean", split.clean[split.correct], 0),) if number == 0 else ()) + \
             (("adv", split.adv[split.successful], 1),)
         for _, images, label in sides:
-            s, g = scores_and_evidence(guard, images, squeeze)
+            s, g = scores_and_evidence(guard, images, combination)
             fit_s.append(s), fit_g.append(g), fit_y.append(np.full(len(s), label))
     cal = load_split(next(iter(sets["calibration"].values())), kind, inputs=inputs)
-    cal_s, cal_g = scores_and_evidence(guard, cal.clean[cal.correct], squeeze)
-    combination = MarginCombination(fpr=fast.detector.fpr, squeeze=squeeze)
+    cal_s, cal_g = scores_and_evidence(guard, cal.clean[cal.correct], combination)
     combination.fit(np.concatenate(fit_s), np.concatenate(fit_g), np.concatenate(fit_y))
     combination.calibrate(cal_s, cal_g)
 
@@ -112,18 +117,18 @@ def main() -> None:
     for name, path in sets["test"].items():
         split = load_split(path, kind, inputs=inputs)
         if clean_done is None:
-            cs, cg = scores_and_evidence(guard, split.clean[split.correct], squeeze)
+            cs, cg = scores_and_evidence(guard, split.clean[split.correct], combination)
             clean_done = (cs, cg, combination.decision_function(cs, cg))
             classes = split.clean_pred[split.correct].numpy()
             class_fpr = {"fast": fpr_per_class(cs, classes, fast.detector.threshold_),
                          "combined": fpr_per_class(clean_done[2], classes, combination.threshold_)}
-        s, g = scores_and_evidence(guard, split.adv[split.successful], squeeze)
+        s, g = scores_and_evidence(guard, split.adv[split.successful], combination)
         detection[name] = {"fast": row(clean_done[0], s, fast.detector.threshold_),
                            "combined": row(clean_done[2], combination.decision_function(s, g),
                                            combination.threshold_),
                            "gap_only": row(off_centre(clean_done[1][:, 0], clean_done[1][:, 0]),
                                            off_centre(g[:, 0], clean_done[1][:, 0]), np.inf)}
-    result = {"detector": args.detector, "combination": combination.to_dict(), "detection": detection,
+    result = {"detector": args.detector, "combination": {k: v for k, v in combination.to_dict().items() if k != "mlp"}, "detection": detection,
               "min_roc_auc": {k: min(d[k]["roc_auc"] for d in detection.values()) for k in ("fast", "combined")},
               "clean_flagged": {"fast": float((clean_done[0] > fast.detector.threshold_).mean()),
                                 "combined": float((clean_done[2] > combination.threshold_).mean())},
@@ -142,9 +147,10 @@ def adaptive(guard: Guard, combination: MarginCombination, tests: dict[str, Path
     split = load_split(next(iter(tests.values())), kind, inputs=inputs)
     x, y = split.clean[split.correct][:args.adaptive_n], split.labels[split.correct][:args.adaptive_n]
     combined, squeeze = CombinedDetector(fast.detector, combination), tuple(combination.squeeze)
+    noise = tuple(combination.noise)
     targets = {"fast": (FastPathMaps(fast), fast.detector, lambda b: fast.maps(b)[0]),
-               "combined": (WithEvidence(FastPathMaps(fast), model, squeeze), combined,
-                            lambda b: with_evidence_planes(fast.maps(b)[0], classifier_evidence(model, b, squeeze)))}
+               "combined": (WithEvidence(FastPathMaps(fast), model, squeeze, noise=noise), combined,
+                            lambda b: with_evidence_planes(fast.maps(b)[0], combination.evidence(model, b)))}
     settings = [tuple(float(v) for v in item.split(":")) for item in args.settings.split(",")]
     out = {"n": len(x), "steps": args.steps, "settings": settings}
     for name in args.targets.split(","):

@@ -140,16 +140,19 @@ def test_adaptive_rounds_harden_the_fast_detector(detector_dir, tmp_path):
 
 def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, tmp_path):
     """--margin: the fast path's verdict is a calibrated combination of its score and the classifier's gap
-    (--class-calibration: with a threshold per predicted class)."""
+    (--class-calibration: with a threshold per predicted class; --noise and --combiner mlp: a noise shift read
+    by an MLP)."""
     import shutil
 
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
     args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
             "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
-    refused = run(*args, "--class-calibration")
-    assert refused.exit_code == 2 and "--margin" in refused.output and "Traceback" not in refused.output
-    result = run(*args, "--margin", "--class-calibration", "--json")
+    for bad in (["--class-calibration"], ["--noise", "0.01"], ["--combiner", "mlp"], ["--margin", "--noise", "-1"]):
+        refused = run(*args, *bad)
+        assert refused.exit_code == 2 and ("--margin" in refused.output or "--noise" in refused.output), bad
+        assert "Traceback" not in refused.output, bad
+    result = run(*args, "--margin", "--class-calibration", "--noise", "0.01", "--combiner", "mlp", "--json")
     assert result.exit_code == 0, result.output
     report = last_json(result)
     saved = json.loads((out / "fast" / "margin.json").read_text())
@@ -157,6 +160,8 @@ def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, 
     assert saved["params"]["squeeze"] == report["fast"]["squeeze"] == [0.75, 1.5]  # --squeeze's default blur shifts
     assert saved["params"]["per_class"] is True and report["fast"]["per_class"] is True
     assert len(saved["class_offsets"]) == 10  # one per class of the classifier (0 where too few images)
+    assert saved["params"]["noise"] == report["fast"]["noise"] == [0.01] and report["fast"]["hidden"] == 32
+    assert saved["params"]["hidden"] == 32 and len(saved["mlp"]) == 3
     held = report["fast"]["metrics"]["bim"]
     assert set(held["fpr_per_class"]) <= set(CIFAR10_CLASSES) and held["max_class_fpr"] == max(
         held["fpr_per_class"].values())

@@ -106,21 +106,25 @@ def test_fast_path_of_another_model_is_refused(fast_quick_detector, tmp_path):
         load_fast_path(out, load_model("cifar10-cnn"))
 
 
-@pytest.fixture(params=[((), False), ((0.75, 1.5), False), ((0.75, 1.5), True)],
-                ids=["gap", "gap+squeeze", "gap+squeeze+per-class"])
+@pytest.fixture(params=[((), False, (), 0), ((0.75, 1.5), False, (), 0), ((0.75, 1.5), True, (), 0),
+                        ((0.75,), False, (0.02,), 8)],
+                ids=["gap", "gap+squeeze", "gap+squeeze+per-class", "gap+squeeze+noise, mlp"])
 def margin_detector(fast_quick_detector, tmp_path, request):
     """The fast quick detector with a margin combination (the gap alone, or with blur shifts; with a
-    threshold per class) fitted on random images (plumbing, not quality)."""
+    threshold per class; with a noise shift and an MLP combiner) fitted on random images (plumbing, not
+    quality)."""
+    from advdetect.detector.margin import MarginCombination
     from advdetect.fastpath import fit_margin
 
-    squeeze, per_class = request.param
+    squeeze, per_class, noise, hidden = request.param
     out = tmp_path / "det"
     shutil.copytree(fast_quick_detector, out)
     fast = Guard.load(out, device="cpu").deployment.fast
     x = batch(40)
     maps, _ = fast.maps(x)
-    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20], squeeze=squeeze,
-                             per_class=per_class)
+    config = MarginCombination(squeeze=squeeze, per_class=per_class, noise=noise, hidden=hidden)
+    fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20], config)
+    assert fast.margin is not config and not hasattr(config, "coef_")  # the configuration is left as it was
     if per_class:  # 20 random images calibrate no class on its own (all offsets 0): offsets of every size
         assert fast.margin.class_offsets_.shape == (10,) and not fast.margin.class_offsets_.any()
         fast.margin.class_offsets_ = torch.linspace(-2, 2, 10, dtype=torch.float64)
@@ -129,7 +133,7 @@ def margin_detector(fast_quick_detector, tmp_path, request):
 
 
 def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
-    from advdetect.detector.margin import log_prob_gap
+    from advdetect.detector.margin import log_prob_gap, noise_pattern
     from advdetect.evaluation.adaptive import fast_path_target
     from advdetect.masks.perturbation import gaussian_blur
 
@@ -142,6 +146,9 @@ def test_a_margin_combination_judges_the_fast_verdicts(margin_detector):
     logits = guard.model.logits(x)
     shifts = [(logits.softmax(1) - guard.model.logits(gaussian_blur(x, s)).softmax(1)).abs().sum(1) / 2
               for s in fast.margin.squeeze]  # what the saved combination was fitted to read, by hand
+    pattern = noise_pattern(tuple(x.shape[1:]), x.device)
+    shifts += [(logits.softmax(1) - guard.model.logits((x + s * pattern).clamp(0, 1)).softmax(1)).abs().sum(1) / 2
+               for s in fast.margin.noise]
     evidence = torch.stack([log_prob_gap(logits), *shifts], 1)
     scores = torch.as_tensor(fast.detector.decision_function(maps))
     expected = fast.margin._combined(scores, evidence)  # the combination's score, before any class offset

@@ -18,6 +18,13 @@ softmax on the image and on its Gaussian blur (:func:`blur_shift`). Minimal-L2 a
 the margin and the masks nearly normal but sit on a perturbation that a light blur undoes, so the
 prediction moves (README, "Combining the score with the classifier's margin").
 
+``noise`` (pixel sigmas, e.g. (0.01,)) adds, for each sigma, the same softmax shift under Gaussian pixel
+noise (one fixed, seeded noise pattern, so a verdict is deterministic and the white-box attacker knows it),
+read as l = log(shift + 1e-6) and l^2: CW and DeepFool move more than clean images under noise, BIM and
+PGD less, a two-sided signal. ``hidden`` > 0 replaces the logistic regression by a small MLP (two hidden
+layers of that width, still differentiable), which uses such signals in both directions (README, "Noise
+shifts and nonlinear combiners").
+
 ``per_class`` calibrates one threshold per predicted class (Mondrian calibration), so that at most
 ``fpr`` of each class's clean images are flagged instead of ``fpr`` overall: false positives no longer pile
 up on the classes whose clean images score high (cats, on CIFAR-10). The evidence then carries the
@@ -52,23 +59,38 @@ def blur_shift(logits: torch.Tensor, blurred_logits: torch.Tensor) -> torch.Tens
     return 0.5 * (logits.float().softmax(1) - blurred_logits.float().softmax(1)).abs().sum(1)
 
 
+NOISE_SEED = 0  # the fixed noise pattern of the noise evidence
+
+
+def noise_pattern(shape: tuple[int, ...], device: torch.device | str) -> torch.Tensor:
+    """The fixed standard-normal C x H x W pattern the noise evidence adds (seeded: the same on every call)."""
+    gen = torch.Generator().manual_seed(NOISE_SEED)
+    return torch.randn(tuple(shape), generator=gen).to(device)
+
+
 def classifier_evidence(model: nn.Module, images: torch.Tensor, squeeze: tuple[float, ...] = (),
-                        logits: torch.Tensor | None = None, with_class: bool = False) -> torch.Tensor:
-    """N x (1 + len(squeeze) [+ 1]), differentiable: the classifier's :func:`log_prob_gap` on ``images``, then
-    its :func:`blur_shift` under a Gaussian blur of each ``squeeze`` sigma, then (``with_class``) its predicted
-    class as a float (``logits``: ``model(images)``, when already computed)."""
+                        logits: torch.Tensor | None = None, with_class: bool = False,
+                        noise: tuple[float, ...] = ()) -> torch.Tensor:
+    """N x (1 + len(squeeze) + len(noise) [+ 1]), differentiable: the classifier's :func:`log_prob_gap` on
+    ``images``, then its :func:`blur_shift` under a Gaussian blur of each ``squeeze`` sigma, then under the
+    fixed :func:`noise_pattern` times each ``noise`` sigma (clamped to [0, 1]), then (``with_class``) its
+    predicted class as a float (``logits``: ``model(images)``, when already computed)."""
     from ..masks.perturbation import gaussian_blur
 
     logits = model(images) if logits is None else logits
     columns = [log_prob_gap(logits)]
     columns += [blur_shift(logits, model(gaussian_blur(images, sigma))).to(logits.device) for sigma in squeeze]
+    if noise:
+        pattern = noise_pattern(images.shape[1:], images.device)
+        columns += [blur_shift(logits, model((images + sigma * pattern).clamp(0, 1))).to(logits.device)
+                    for sigma in noise]
     if with_class:
         columns.append(logits.detach().argmax(1).float())
     return torch.stack(columns, 1)
 
 
-def parse_squeeze(spec: str | Any) -> tuple[float, ...]:
-    """``"0.75,1.5"`` (or a sequence) -> blur sigmas; ``""`` or ``"none"``: no squeeze evidence (the gap alone)."""
+def parse_squeeze(spec: str | Any, option: str = "--squeeze") -> tuple[float, ...]:
+    """``"0.75,1.5"`` (or a sequence) -> blur (or noise) sigmas; ``""`` or ``"none"``: none (the gap alone)."""
     from ..errors import OptionError
 
     if isinstance(spec, str):
@@ -76,29 +98,40 @@ def parse_squeeze(spec: str | Any) -> tuple[float, ...]:
     try:
         return _check_squeeze(spec)
     except ValueError as exc:
-        raise OptionError(f"--squeeze: {exc} (e.g. 0.75,1.5, or none)") from None
+        raise OptionError(f"{option}: {exc} (e.g. {'0.01' if option == '--noise' else '0.75,1.5'}, or none)") from None
 
 
-def _check_squeeze(squeeze: Any) -> tuple[float, ...]:
+def _check_squeeze(squeeze: Any, what: str = "squeeze") -> tuple[float, ...]:
     try:
         sigmas = tuple(float(v) for v in squeeze)
     except (TypeError, ValueError):
-        raise ValueError(f"squeeze must be a sequence of blur sigmas in pixels, got {squeeze!r}") from None
+        raise ValueError(f"{what} must be a sequence of positive sigmas, got {squeeze!r}") from None
     if not all(np.isfinite(v) and v > 0 for v in sigmas):
-        raise ValueError(f"squeeze sigmas must be finite and positive, got {sigmas}")
+        raise ValueError(f"{what} sigmas must be finite and positive, got {sigmas}")
     return sigmas
 
 
-def _features(scores: torch.Tensor, evidence: torch.Tensor, shifts: int) -> torch.Tensor:
-    """N x (3 + shifts): score, h, h^2, then the blur shifts, from N x E evidence (gap first, then the
-    ``shifts`` blur shifts; a class column after them is not a feature)."""
+def _features(scores: torch.Tensor, evidence: torch.Tensor, shifts: int, noises: int = 0) -> torch.Tensor:
+    """N x (3 + shifts + 2 noises): score, h, h^2, the blur shifts, then l and l^2 per noise shift
+    (l = log(shift + 1e-6)), from N x E evidence (gap, ``shifts`` blur shifts, ``noises`` noise shifts; a
+    class column after them is not a feature)."""
     evidence = evidence.float()
     h = torch.log1p(evidence[:, 0].clamp_min(0))
-    return torch.cat([torch.stack([scores.float(), h, h * h], 1), evidence[:, 1:1 + shifts]], 1)
+    columns = [torch.stack([scores.float(), h, h * h], 1), evidence[:, 1:1 + shifts]]
+    if noises:
+        log_shift = torch.log(evidence[:, 1 + shifts:1 + shifts + noises].clamp_min(0) + 1e-6)
+        columns += [log_shift, log_shift * log_shift]
+    return torch.cat(columns, 1)
+
+
+def _mlp(n_features: int, hidden: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(n_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 1))
 
 
 class MarginCombination:
-    """Logistic regression over (detector score, log1p(gap), log1p(gap)^2, one blur shift per ``squeeze``
+    """Logistic regression (or, with ``hidden`` > 0, a two-layer MLP of that width trained from ``seed``) over
+    (detector score, log1p(gap), log1p(gap)^2, one blur shift per ``squeeze`` sigma, (l, l^2) per ``noise``
     sigma), calibrated to ``fpr`` (of each predicted class's clean images, with ``per_class``).
 
     scikit-learn style: :meth:`fit` returns self; ``coef_``, ``intercept_``, ``mean_``, ``scale_``
@@ -110,29 +143,43 @@ class MarginCombination:
     """
 
     def __init__(self, fpr: float = 0.05, C: float = 1.0, squeeze: tuple[float, ...] = (),
-                 per_class: bool = False) -> None:
+                 per_class: bool = False, noise: tuple[float, ...] = (), hidden: int = 0, seed: int = 0) -> None:
         self.fpr = fpr
         self.C = C
         self.squeeze = squeeze
         self.per_class = per_class
+        self.noise = noise
+        self.hidden = hidden
+        self.seed = seed
 
     def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"fpr": self.fpr, "C": self.C, "squeeze": tuple(self.squeeze), "per_class": bool(self.per_class)}
+        return {"fpr": self.fpr, "C": self.C, "squeeze": tuple(self.squeeze), "per_class": bool(self.per_class),
+                "noise": tuple(self.noise), "hidden": int(self.hidden), "seed": int(self.seed)}
 
     @property
     def n_evidence(self) -> int:
-        """Columns of the evidence it reads: the gap, then one per squeeze sigma, then the class (per_class)."""
-        return 1 + len(self.squeeze) + bool(self.per_class)
+        """Columns of the evidence it reads: the gap, one per squeeze sigma, one per noise sigma, then the
+        class (per_class)."""
+        return 1 + len(self.squeeze) + len(self.noise) + bool(self.per_class)
+
+    @property
+    def n_features(self) -> int:
+        return 3 + len(self.squeeze) + 2 * len(self.noise)
 
     def evidence(self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The :func:`classifier_evidence` this combination reads, of ``images`` (differentiable)."""
-        return classifier_evidence(model, images, tuple(self.squeeze), logits, with_class=bool(self.per_class))
+        return classifier_evidence(model, images, tuple(self.squeeze), logits, with_class=bool(self.per_class),
+                                   noise=tuple(self.noise))
+
+    def _X(self, scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
+        return _features(scores, evidence, len(self.squeeze), len(self.noise))
 
     def _evidence(self, evidence: Any) -> torch.Tensor:
         evidence = torch.as_tensor(evidence)
         evidence = evidence[:, None] if evidence.dim() == 1 else evidence
         if evidence.dim() != 2 or evidence.shape[1] != self.n_evidence:
             what = "the gap, then one blur shift per squeeze sigma " + str(tuple(self.squeeze)) + \
+                (f", one noise shift per noise sigma {tuple(self.noise)}" if self.noise else "") + \
                 (", then the predicted class" if self.per_class else "")
             raise ValueError(f"evidence must be N x {self.n_evidence} ({what}), got shape {tuple(evidence.shape)}")
         return evidence
@@ -153,13 +200,22 @@ class MarginCombination:
         if self.C <= 0:
             raise ValueError(f"C must be positive, got {self.C}")
         _check_squeeze(self.squeeze)
-        X = _features(torch.as_tensor(scores), self._evidence(evidence), len(self.squeeze)).double()
+        _check_squeeze(self.noise, "noise")
+        if isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden < 0:
+            raise ValueError(f"hidden must be 0 (logistic regression) or the MLP's width, got {self.hidden!r}")
+        X = self._X(torch.as_tensor(scores), self._evidence(evidence)).double()
         y = np.asarray(y).astype(int)
         if len(X) != len(y) or set(y.tolist()) != {0, 1}:
             raise ValueError("fit needs one label per score and both classes (0 clean, 1 adversarial)")
         self.mean_, self.scale_ = X.mean(0), X.std(0).clamp_min(1e-6)
+        Z = (X - self.mean_) / self.scale_
+        if self.hidden:
+            self.mlp_ = _fit_mlp(Z.float(), torch.as_tensor(y, dtype=torch.float32), self.hidden, 1 / self.C,
+                                 self.seed)
+            self.coef_, self.intercept_ = torch.zeros(X.shape[1], dtype=torch.float64), 0.0  # the MLP judges
+            return self
         model = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000)
-        model.fit(((X - self.mean_) / self.scale_).numpy(), y)
+        model.fit(Z.numpy(), y)
         self.coef_ = torch.as_tensor(model.coef_[0], dtype=torch.float64)
         self.intercept_ = float(model.intercept_[0])
         return self
@@ -182,8 +238,10 @@ class MarginCombination:
     def _combined(self, scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
         """The combined score before any class offset."""
         device = scores.device
-        X = _features(scores, evidence, len(self.squeeze))
+        X = self._X(scores, evidence)
         mean, scale = self.mean_.float().to(device), self.scale_.float().to(device)
+        if self.hidden:
+            return self.mlp_.to(device)((X - mean) / scale)[:, 0]
         return ((X - mean) / scale) @ self.coef_.float().to(device) + self.intercept_
 
     def decision_function(self, scores: Any, evidence: Any) -> np.ndarray:
@@ -222,6 +280,9 @@ class MarginCombination:
                "threshold": self.threshold_, "calibration_fpr": self.calibration_fpr_}
         if self.per_class:
             out["class_offsets"] = self.class_offsets_.tolist()
+        if self.hidden:
+            out["mlp"] = [[p.detach().double().tolist() for p in layer.parameters()]
+                          for layer in self.mlp_ if isinstance(layer, nn.Linear)]
         return out
 
     @classmethod
@@ -232,8 +293,12 @@ class MarginCombination:
             per_class = data["params"].get("per_class", False)  # files before per-class calibration: global
             if not isinstance(per_class, bool):
                 raise ValueError(f"per_class must be true or false, got {per_class!r}")
+            hidden = data["params"].get("hidden", 0)  # files before the MLP: logistic regression
+            if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 0:
+                raise ValueError(f"hidden must be a width >= 0, got {hidden!r}")
             out = cls(**{k: float(v) for k, v in data["params"].items() if k in ("fpr", "C")},
-                      squeeze=_check_squeeze(data["params"].get("squeeze", ())), per_class=per_class)
+                      squeeze=_check_squeeze(data["params"].get("squeeze", ())), per_class=per_class,
+                      noise=_check_squeeze(data["params"].get("noise", ()), "noise"), hidden=hidden)
             if per_class:
                 out.class_offsets_ = torch.tensor([float(v) for v in data["class_offsets"]], dtype=torch.float64)
             out.coef_ = torch.tensor([float(v) for v in data["coef"]], dtype=torch.float64)
@@ -243,14 +308,54 @@ class MarginCombination:
             out.calibration_fpr_ = float(data.get("calibration_fpr", out.fpr))
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed margin combination: {err}") from None
-        features = 3 + len(out.squeeze)
+        features = out.n_features
         if not (out.coef_.numel() == out.mean_.numel() == out.scale_.numel() == features):
             raise ValueError(f"malformed margin combination: {features} features expected")
+        if out.hidden:
+            out.mlp_ = _load_mlp(data.get("mlp"), features, out.hidden)
         numbers = torch.cat([out.coef_, out.mean_, out.scale_, torch.tensor([out.intercept_, out.threshold_]),
-                             getattr(out, "class_offsets_", torch.zeros(0, dtype=torch.float64))])
+                             getattr(out, "class_offsets_", torch.zeros(0, dtype=torch.float64)),
+                             *(p.detach().double().flatten()
+                               for p in getattr(out, "mlp_", nn.Sequential()).parameters())])
         if not bool(torch.isfinite(numbers).all()) or bool((out.scale_ <= 0).any()):
             raise ValueError("malformed margin combination: values must be finite and scales positive")
         return out
+
+
+def _fit_mlp(Z: torch.Tensor, y: torch.Tensor, hidden: int, weight_decay: float, seed: int,
+             steps: int = 2000) -> nn.Sequential:
+    """The MLP combiner, trained full batch with Adam on class-balanced logistic loss (``weight_decay`` = 1/C
+    times 1e-3, as scikit-learn's alpha), from a seeded initialisation; returned frozen, in eval mode."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        net = _mlp(Z.shape[1], hidden)
+    pos = float(y.sum())
+    weight = torch.where(y == 1, (len(y) - pos) / max(pos, 1.0), 1.0)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2, weight_decay=1e-3 * weight_decay)
+    loss_fn = nn.BCEWithLogitsLoss(weight=weight)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss_fn(net(Z)[:, 0], y).backward()
+        optimizer.step()
+    return net.eval().requires_grad_(False)
+
+
+def _load_mlp(layers: Any, n_features: int, hidden: int) -> nn.Sequential:
+    """The MLP of a margin.json's "mlp" (per linear layer: weight rows, bias), shape-checked."""
+    net = _mlp(n_features, hidden)
+    linears = [m for m in net if isinstance(m, nn.Linear)]
+    if not isinstance(layers, list) or len(layers) != len(linears):
+        raise ValueError(f"malformed margin combination: an MLP of {len(linears)} layers expected")
+    with torch.no_grad():
+        for layer, saved in zip(linears, layers):
+            if not isinstance(saved, list) or len(saved) != 2:
+                raise ValueError("malformed margin combination: each MLP layer is [weight, bias]")
+            weight, bias = torch.tensor(saved[0], dtype=torch.float32), torch.tensor(saved[1], dtype=torch.float32)
+            if weight.shape != layer.weight.shape or bias.shape != layer.bias.shape:
+                raise ValueError(f"malformed margin combination: MLP layer of shape {tuple(weight.shape)}, "
+                                 f"expected {tuple(layer.weight.shape)}")
+            layer.weight.copy_(weight), layer.bias.copy_(bias)
+    return net.eval().requires_grad_(False)
 
 
 def class_offsets(scores: np.ndarray, classes: np.ndarray, fpr: float, n_classes: int) -> list[float]:
@@ -270,13 +375,14 @@ class WithEvidence(nn.Module):
     (``with_class``: the predicted class too, for a per-class calibrated combination)."""
 
     def __init__(self, maps: nn.Module, model: nn.Module, squeeze: tuple[float, ...] = (),
-                 with_class: bool = False) -> None:
+                 with_class: bool = False, noise: tuple[float, ...] = ()) -> None:
         super().__init__()
         self.maps, self.model, self.squeeze, self.with_class = maps, model, tuple(squeeze), with_class
+        self.noise = tuple(noise)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return with_evidence_planes(self.maps(x), classifier_evidence(self.model, x, self.squeeze,
-                                                                      with_class=self.with_class))
+                                                                      with_class=self.with_class, noise=self.noise))
 
 
 def with_evidence_planes(maps: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:

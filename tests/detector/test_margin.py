@@ -204,6 +204,8 @@ def test_squeeze_option_parsing() -> None:
     for bad in ("-1", "wide", "0"):
         with pytest.raises(OptionError, match="--squeeze"):
             parse_squeeze(bad)
+        with pytest.raises(OptionError, match="--noise"):
+            parse_squeeze(bad, "--noise")
 
 
 def class_skewed(seed: int, n: int = 1200) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
@@ -280,3 +282,65 @@ def test_classifier_evidence_carries_the_predicted_class_when_asked() -> None:
     assert torch.allclose(evidence[:, :2], classifier_evidence(net, x, (1.0,)))
     combination = MarginCombination(squeeze=(1.0,), per_class=True)
     assert combination.n_evidence == 3 and torch.equal(combination.evidence(net, x), evidence)
+
+
+def test_noise_evidence_is_the_softmax_shift_under_one_fixed_pattern() -> None:
+    from advdetect.detector.margin import noise_pattern
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    x = torch.rand(6, 3, 8, 8)
+    evidence = classifier_evidence(net, x, (1.0,), noise=(0.05, 0.2))
+    assert evidence.shape == (6, 4)
+    pattern = noise_pattern((3, 8, 8), "cpu")
+    for column, sigma in ((2, 0.05), (3, 0.2)):
+        by_hand = 0.5 * (net(x).softmax(1) - net((x + sigma * pattern).clamp(0, 1)).softmax(1)).abs().sum(1)
+        assert torch.allclose(evidence[:, column], by_hand, atol=1e-6)
+    # deterministic, and an image's evidence does not depend on the batch it is judged in
+    assert torch.equal(classifier_evidence(net, x[:2], (1.0,), noise=(0.05, 0.2)), evidence[:2])
+    assert not torch.equal(noise_pattern((3, 8, 8), "cpu"), torch.zeros(3, 8, 8))
+    combination = MarginCombination(squeeze=(1.0,), noise=(0.05, 0.2), per_class=True)
+    assert combination.n_evidence == 5 and combination.n_features == 3 + 1 + 4
+    assert torch.equal(combination.evidence(net, x)[:, :4], evidence)
+
+
+def interacting(seed: int, n: int = 800) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """Adversarial exactly where the score and the noise shift are both high or both low (an interaction a
+    linear combination of the features cannot express); the gap carries no signal."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.randn(2 * n, generator=gen)
+    shift = torch.exp(torch.randn(2 * n, generator=gen) - 4)  # log-normal around e^-4
+    y = ((scores > 0) == (torch.log(shift) > -4)).numpy().astype(int)
+    gaps = torch.expm1(2 + 0.4 * torch.randn(2 * n, generator=gen))
+    return scores, torch.stack([gaps, shift], 1), y
+
+
+def test_the_mlp_combiner_reads_what_a_linear_one_cannot_and_round_trips() -> None:
+    scores, evidence, y = interacting(0)
+    held_scores, held_evidence, held_y = interacting(1)
+    linear = MarginCombination(noise=(0.01,)).fit(scores, evidence, y)
+    mlp = MarginCombination(noise=(0.01,), hidden=16).fit(scores, evidence, y)
+    assert roc_auc_score(held_y, linear.decision_function(held_scores, held_evidence)) < 0.65
+    assert roc_auc_score(held_y, mlp.decision_function(held_scores, held_evidence)) > 0.9
+    again = MarginCombination(noise=(0.01,), hidden=16).fit(scores, evidence, y)  # seeded: the same fit
+    np.testing.assert_array_equal(again.decision_function(held_scores, held_evidence),
+                                  mlp.decision_function(held_scores, held_evidence))
+    # differentiable for the white-box attacker
+    s, e = held_scores[:5].clone().requires_grad_(True), held_evidence[:5].clone().requires_grad_(True)
+    mlp.torch_decision(s, e).sum().backward()
+    assert s.grad.abs().sum() > 0 and e.grad.abs().sum() > 0
+    mlp.calibrate(scores[y == 0], evidence[y == 0])
+    data = json.loads(json.dumps(mlp.to_dict()))
+    assert data["params"]["hidden"] == 16 and data["params"]["noise"] == [0.01] and len(data["mlp"]) == 3
+    loaded = MarginCombination.from_dict(data)
+    np.testing.assert_allclose(loaded.decision_function(held_scores, held_evidence),
+                               mlp.decision_function(held_scores, held_evidence), rtol=1e-5, atol=1e-5)
+    assert loaded.threshold_ == mlp.threshold_
+    wrong_shape = [[[0.0] * 3] * 16, [0.0] * 16]
+    for bad in ({"mlp": None}, {"mlp": data["mlp"][:2]}, {"mlp": [wrong_shape, *data["mlp"][1:]]},
+                {"mlp": [[data["mlp"][0][0], [float("nan")] * 16], *data["mlp"][1:]]},
+                {"params": data["params"] | {"hidden": -1}}, {"params": data["params"] | {"noise": [0.0]}}):
+        with pytest.raises(ValueError, match="malformed|hidden|noise"):
+            MarginCombination.from_dict(data | bad)
+    with pytest.raises(ValueError, match="hidden"):
+        MarginCombination(hidden=1.5).fit(scores, evidence[:, 0], y)
