@@ -421,7 +421,7 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
                    "softmax joins the combination, e.g. 0.01 (one fixed noise pattern; one classifier pass each).")
 @click.option("--combiner", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
               help="With --margin: how the evidence is combined: logistic regression, or a small MLP that can use "
-                   "the noise shift in both directions (README, 'Noise shifts and nonlinear combiners').")
+                   "the noise shift in both directions (README, 'Noise shifts and an MLP combiner').")
 @mask_options
 @model_file_options
 @common_options

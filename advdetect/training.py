@@ -325,11 +325,11 @@ def margin_combination(margin: bool, squeeze: str | tuple[float, ...] = SQUEEZE_
     --margin; the options that need it are refused then)."""
     if combiner not in COMBINERS:
         raise OptionError(f"--combiner must be one of {', '.join(COMBINERS)}, got {combiner!r}")
-    noise = parse_squeeze(noise, "--noise")
+    noise, squeeze = parse_squeeze(noise, "--noise"), parse_squeeze(squeeze)
     if not margin:
         if class_calibration or noise or combiner != "logistic":
             raise OptionError("--class-calibration, --noise and --combiner configure the margin combination: "
                               "add --margin")
         return None
-    return MarginCombination(squeeze=parse_squeeze(squeeze), per_class=class_calibration, noise=noise,
+    return MarginCombination(squeeze=squeeze, per_class=class_calibration, noise=noise,
                              hidden=COMBINERS[combiner], seed=seed)

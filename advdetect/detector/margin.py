@@ -23,7 +23,7 @@ noise (one fixed, seeded noise pattern, so a verdict is deterministic and the wh
 read as l = log(shift + 1e-6) and l^2: CW and DeepFool move more than clean images under noise, BIM and
 PGD less, a two-sided signal. ``hidden`` > 0 replaces the logistic regression by a small MLP (two hidden
 layers of that width, still differentiable), which uses such signals in both directions (README, "Noise
-shifts and nonlinear combiners").
+shifts and an MLP combiner").
 
 ``per_class`` calibrates one threshold per predicted class (Mondrian calibration), so that at most
 ``fpr`` of each class's clean images are flagged instead of ``fpr`` overall: false positives no longer pile
