@@ -41,7 +41,8 @@ def scores_and_evidence(guard: Guard, images: torch.Tensor) -> tuple[torch.Tenso
         for start in range(0, len(images), 256):
             x = images[start:start + 256]
             scores.append(torch.as_tensor(fast.detector.decision_function(fast.maps(x)[0])))
-            evidence.append(classifier_evidence(guard.model, x, tuple(fast.margin.squeeze), with_class=True).cpu())
+            evidence.append(classifier_evidence(guard.model, x, tuple(fast.margin.squeeze), with_class=True,
+                                                 noise=tuple(fast.margin.noise)).cpu())
     return torch.cat(scores), torch.cat(evidence)
 
 
@@ -49,7 +50,9 @@ def recalibrated(fitted: MarginCombination, per_class: bool, scores: torch.Tenso
                  n_classes: int) -> MarginCombination:
     """``fitted``'s weights, calibrated anew on these clean images (globally or per class)."""
     out = MarginCombination(**(fitted.get_params() | {"per_class": per_class}))
-    out.coef_, out.intercept_, out.mean_, out.scale_ = fitted.coef_, fitted.intercept_, fitted.mean_, fitted.scale_
+    for name in ("coef_", "intercept_", "mlp_", "mean_", "scale_"):  # an MLP has mlp_, a logistic one coef_
+        if hasattr(fitted, name):
+            setattr(out, name, getattr(fitted, name))
     return out.calibrate(scores, evidence if per_class else evidence[:, :-1], n_classes=n_classes)
 
 

@@ -146,10 +146,9 @@ def adaptive(guard: Guard, combination: MarginCombination, tests: dict[str, Path
     fast, model = guard.deployment.fast, guard.model
     split = load_split(next(iter(tests.values())), kind, inputs=inputs)
     x, y = split.clean[split.correct][:args.adaptive_n], split.labels[split.correct][:args.adaptive_n]
-    combined, squeeze = CombinedDetector(fast.detector, combination), tuple(combination.squeeze)
-    noise = tuple(combination.noise)
+    combined = CombinedDetector(fast.detector, combination)
     targets = {"fast": (FastPathMaps(fast), fast.detector, lambda b: fast.maps(b)[0]),
-               "combined": (WithEvidence(FastPathMaps(fast), model, squeeze, noise=noise), combined,
+               "combined": (WithEvidence(FastPathMaps(fast), model, combination), combined,
                             lambda b: with_evidence_planes(fast.maps(b)[0], combination.evidence(model, b)))}
     settings = [tuple(float(v) for v in item.split(":")) for item in args.settings.split(",")]
     out = {"n": len(x), "steps": args.steps, "settings": settings}

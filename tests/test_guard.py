@@ -124,7 +124,7 @@ def margin_detector(fast_quick_detector, tmp_path, request):
     maps, _ = fast.maps(x)
     config = MarginCombination(squeeze=squeeze, per_class=per_class, noise=noise, hidden=hidden)
     fast.margin = fit_margin(fast, x, maps, torch.arange(40) % 2 == 1, x[:20], maps[:20], config)
-    assert fast.margin is not config and not hasattr(config, "coef_")  # the configuration is left as it was
+    assert fast.margin is not config and not hasattr(config, "mean_")  # the configuration is left as it was
     if per_class:  # 20 random images calibrate no class on its own (all offsets 0): offsets of every size
         assert fast.margin.class_offsets_.shape == (10,) and not fast.margin.class_offsets_.any()
         fast.margin.class_offsets_ = torch.linspace(-2, 2, 10, dtype=torch.float64)

@@ -212,7 +212,6 @@ class MarginCombination:
         if self.hidden:
             self.mlp_ = _fit_mlp(Z.float(), torch.as_tensor(y, dtype=torch.float32), self.hidden, 1 / self.C,
                                  self.seed)
-            self.coef_, self.intercept_ = torch.zeros(X.shape[1], dtype=torch.float64), 0.0  # the MLP judges
             return self
         model = LogisticRegression(C=self.C, class_weight="balanced", max_iter=1000)
         model.fit(Z.numpy(), y)
@@ -220,10 +219,13 @@ class MarginCombination:
         self.intercept_ = float(model.intercept_[0])
         return self
 
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "mlp_" if self.hidden else "coef_"):
+            raise RuntimeError("this MarginCombination is not fitted yet; call fit(scores, evidence, y)")
+
     def torch_decision(self, scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:
         """The combined score (a logit; higher is more adversarial), differentiable, on ``scores``' device."""
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("this MarginCombination is not fitted yet; call fit(scores, evidence, y)")
+        self._check_fitted()
         device = scores.device
         evidence = self._evidence(evidence).to(device)
         out = self._combined(scores, evidence)
@@ -255,8 +257,7 @@ class MarginCombination:
         also ``class_offsets_`` (``n_classes`` of them; default: the largest class seen + 1) so that at most
         ``fpr`` of each class's images are."""
         fpr = self.fpr if fpr is None else fpr
-        if not hasattr(self, "coef_"):
-            raise RuntimeError("this MarginCombination is not fitted yet; call fit(scores, evidence, y)")
+        self._check_fitted()
         with torch.no_grad():
             evidence = self._evidence(torch.as_tensor(clean_evidence).float())
             combined = self._combined(torch.as_tensor(clean_scores).float(), evidence).double().numpy()
@@ -275,14 +276,15 @@ class MarginCombination:
     def to_dict(self) -> dict[str, Any]:
         if not hasattr(self, "threshold_"):
             raise RuntimeError("fit and calibrate the combination before saving it")
-        out = {"format": FORMAT, "params": self.get_params(), "coef": self.coef_.tolist(),
-               "intercept": self.intercept_, "mean": self.mean_.tolist(), "scale": self.scale_.tolist(),
-               "threshold": self.threshold_, "calibration_fpr": self.calibration_fpr_}
+        out = {"format": FORMAT, "params": self.get_params(), "mean": self.mean_.tolist(),
+               "scale": self.scale_.tolist(), "threshold": self.threshold_, "calibration_fpr": self.calibration_fpr_}
         if self.per_class:
             out["class_offsets"] = self.class_offsets_.tolist()
         if self.hidden:
             out["mlp"] = [[p.detach().double().tolist() for p in layer.parameters()]
                           for layer in self.mlp_ if isinstance(layer, nn.Linear)]
+        else:
+            out["coef"], out["intercept"] = self.coef_.tolist(), self.intercept_
         return out
 
     @classmethod
@@ -301,19 +303,23 @@ class MarginCombination:
                       noise=_check_squeeze(data["params"].get("noise", ()), "noise"), hidden=hidden)
             if per_class:
                 out.class_offsets_ = torch.tensor([float(v) for v in data["class_offsets"]], dtype=torch.float64)
-            out.coef_ = torch.tensor([float(v) for v in data["coef"]], dtype=torch.float64)
+            if not hidden:  # an MLP's file may hold a coef of zeros (written before 2026-11-25): not read
+                out.coef_ = torch.tensor([float(v) for v in data["coef"]], dtype=torch.float64)
+                out.intercept_ = float(data["intercept"])
             out.mean_ = torch.tensor([float(v) for v in data["mean"]], dtype=torch.float64)
             out.scale_ = torch.tensor([float(v) for v in data["scale"]], dtype=torch.float64)
-            out.intercept_, out.threshold_ = float(data["intercept"]), float(data["threshold"])
+            out.threshold_ = float(data["threshold"])
             out.calibration_fpr_ = float(data.get("calibration_fpr", out.fpr))
         except (AttributeError, KeyError, TypeError, ValueError) as err:
             raise ValueError(f"malformed margin combination: {err}") from None
         features = out.n_features
-        if not (out.coef_.numel() == out.mean_.numel() == out.scale_.numel() == features):
+        weights = out.mean_ if out.hidden else out.coef_
+        if not (weights.numel() == out.mean_.numel() == out.scale_.numel() == features):
             raise ValueError(f"malformed margin combination: {features} features expected")
         if out.hidden:
             out.mlp_ = _load_mlp(data.get("mlp"), features, out.hidden)
-        numbers = torch.cat([out.coef_, out.mean_, out.scale_, torch.tensor([out.intercept_, out.threshold_]),
+        numbers = torch.cat([getattr(out, "coef_", torch.zeros(0, dtype=torch.float64)), out.mean_, out.scale_,
+                             torch.tensor([getattr(out, "intercept_", 0.0), out.threshold_]),
                              getattr(out, "class_offsets_", torch.zeros(0, dtype=torch.float64)),
                              *(p.detach().double().flatten()
                                for p in getattr(out, "mlp_", nn.Sequential()).parameters())])
@@ -371,18 +377,16 @@ def class_offsets(scores: np.ndarray, classes: np.ndarray, fpr: float, n_classes
 
 
 class WithEvidence(nn.Module):
-    """``maps(x)`` with constant planes of the classifier's :func:`classifier_evidence` on ``x`` appended
-    (``with_class``: the predicted class too, for a per-class calibrated combination)."""
+    """``maps(x)`` with constant planes of the evidence ``combination`` reads on ``x`` appended
+    (:meth:`MarginCombination.evidence`; default: an unfitted ``MarginCombination()``, the gap alone)."""
 
-    def __init__(self, maps: nn.Module, model: nn.Module, squeeze: tuple[float, ...] = (),
-                 with_class: bool = False, noise: tuple[float, ...] = ()) -> None:
+    def __init__(self, maps: nn.Module, model: nn.Module, combination: MarginCombination | None = None) -> None:
         super().__init__()
-        self.maps, self.model, self.squeeze, self.with_class = maps, model, tuple(squeeze), with_class
-        self.noise = tuple(noise)
+        self.maps, self.model = maps, model
+        self.combination = MarginCombination() if combination is None else combination
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return with_evidence_planes(self.maps(x), classifier_evidence(self.model, x, self.squeeze,
-                                                                      with_class=self.with_class, noise=self.noise))
+        return with_evidence_planes(self.maps(x), self.combination.evidence(self.model, x))
 
 
 def with_evidence_planes(maps: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:

@@ -290,8 +290,7 @@ def fast_path_target(fast: FastPath) -> tuple[nn.Module, Any, Callable[[torch.Te
     if fast.margin is None:
         return maps, fast.detector, lambda images: fast.maps(images)[0]
     model, margin = fast.explainer.model, fast.margin
-    return (WithEvidence(maps, model, tuple(margin.squeeze), with_class=bool(margin.per_class),
-                         noise=tuple(margin.noise)),
+    return (WithEvidence(maps, model, margin),
             CombinedDetector(fast.detector, margin),
             lambda images: with_evidence_planes(fast.maps(images)[0], margin.evidence(model, images)))
 

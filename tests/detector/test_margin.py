@@ -113,7 +113,7 @@ def test_the_combined_detector_reads_maps_with_a_gap_plane_and_is_differentiable
     maps_of = nn.Upsample(size=8)
     detector = CombinedDetector(FittedStub(), combination)
     x = torch.rand(6, 3, 4, 4, requires_grad=True)
-    maps = WithEvidence(maps_of, model=_Module(classifier))(x)
+    maps = WithEvidence(maps_of, model=_Module(classifier), combination=combination)(x)
     assert maps.shape == (6, 4, 8, 8)
     expected = combination.decision_function(FittedStub().network_(maps_of(x)).detach(),
                                              log_prob_gap(classifier(x)).detach())
@@ -332,7 +332,10 @@ def test_the_mlp_combiner_reads_what_a_linear_one_cannot_and_round_trips() -> No
     mlp.calibrate(scores[y == 0], evidence[y == 0])
     data = json.loads(json.dumps(mlp.to_dict()))
     assert data["params"]["hidden"] == 16 and data["params"]["noise"] == [0.01] and len(data["mlp"]) == 3
+    assert "coef" not in data and "intercept" not in data  # the MLP judges: no logistic weights stored
     loaded = MarginCombination.from_dict(data)
+    legacy = MarginCombination.from_dict(data | {"coef": [0.0] * 5, "intercept": 0.0})  # older files: not read
+    assert legacy.threshold_ == mlp.threshold_ and not hasattr(legacy, "coef_")
     np.testing.assert_allclose(loaded.decision_function(held_scores, held_evidence),
                                mlp.decision_function(held_scores, held_evidence), rtol=1e-5, atol=1e-5)
     assert loaded.threshold_ == mlp.threshold_
@@ -344,3 +347,5 @@ def test_the_mlp_combiner_reads_what_a_linear_one_cannot_and_round_trips() -> No
             MarginCombination.from_dict(data | bad)
     with pytest.raises(ValueError, match="hidden"):
         MarginCombination(hidden=1.5).fit(scores, evidence[:, 0], y)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        MarginCombination(noise=(0.01,), hidden=16).decision_function(held_scores, held_evidence)
