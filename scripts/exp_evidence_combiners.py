@@ -36,8 +36,26 @@ BASE = ["score", "h", "h2"]
 BLUR = ["blur0.75", "blur1.5"]
 
 
-def features(guard: Guard, images: torch.Tensor, noise: list[float], draws: int, seed: int) -> np.ndarray:
-    """N x (5 + 2 * len(noise)): score, h, h^2, the two blur shifts, then (l, l^2) per noise sigma."""
+def counter_step_gap(model: torch.nn.Module, x: torch.Tensor, step: float) -> torch.Tensor:
+    """N: the classifier's logit gap (predicted class minus the best other; negative once it flips) after one
+    signed-gradient step of ``step`` (pixels) against the class it predicts for ``x``."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        logits = model(x)
+        pred = logits.argmax(1)
+        chosen = logits.log_softmax(1).gather(1, pred[:, None]).sum()
+        (grad,) = torch.autograd.grad(chosen, x)
+    with torch.no_grad():
+        moved = model((x - step * grad.sign()).clamp(0, 1)).float()
+        own = moved.gather(1, pred[:, None])[:, 0]
+        other = moved.scatter(1, pred[:, None], float("-inf")).max(1).values
+    return own - other
+
+
+def features(guard: Guard, images: torch.Tensor, noise: list[float], draws: int, seed: int,
+             steps: tuple[float, ...] = ()) -> np.ndarray:
+    """N x (5 + 2 * len(noise) + len(steps)): score, h, h^2, the two blur shifts, (l, l^2) per noise sigma,
+    then the :func:`counter_step_gap` of each step."""
     fast, model = guard.deployment.fast, guard.model
     gen = torch.Generator().manual_seed(seed)
     out = []
@@ -54,6 +72,7 @@ def features(guard: Guard, images: torch.Tensor, noise: list[float], draws: int,
                 shift = sum(blur_shift(logits, model.logits(n)) for n in noisy) / draws
                 log_shift = torch.log(shift.cpu() + 1e-6)
                 cols += [log_shift, log_shift * log_shift]
+            cols += [counter_step_gap(model, x, step).cpu() for step in steps]
             out.append(torch.stack(cols, 1))
     return torch.cat(out).numpy()
 
@@ -107,6 +126,11 @@ def main() -> None:
     parser.add_argument("--noise", default="0.01,0.03", help="Gaussian pixel-noise sigmas (images in [0, 1])")
     parser.add_argument("--draws", type=int, default=4, help="noise draws averaged per sigma")
     parser.add_argument("--combiners", default="logistic,mlp,hgb")
+    parser.add_argument("--steps", default="none",
+                        help="counter-step sizes in pixels (e.g. 0.002,0.004): the classifier's logit gap after "
+                             "one signed-gradient step against its own prediction joins the evidence")
+    parser.add_argument("--leave-one-out", action="store_true",
+                        help="also fit each feature set without one attack's training images and score that attack")
     args = parser.parse_args()
     start = time.time()
     torch.manual_seed(0)
@@ -114,19 +138,26 @@ def main() -> None:
     if guard.deployment.fast is None:
         raise SystemExit(f"{args.detector} has no fast path")
     noise = [float(s) for s in args.noise.split(",") if s.strip()]
+    steps = () if args.steps.strip().lower() in ("", "none") else tuple(float(s) for s in args.steps.split(","))
     kind, inputs = guard.deployment.mask_config.kind, guard.deployment.fast.detector.input_names()
     work = Path(args.detector, "work")
 
     def feats(images: torch.Tensor, seed: int) -> np.ndarray:
-        return features(guard, images, noise, args.draws, seed)
+        return features(guard, images, noise, args.draws, seed, steps)
 
-    X, y = [], []
+    fit_clean, fit_adv = None, {}
     for number, path in enumerate(sorted(work.glob("train-*"))):
         split = load_split(path, kind, inputs=inputs)
         if number == 0:
-            X.append(feats(split.clean[split.correct], 1)), y.append(np.zeros(int(split.correct.sum())))
-        X.append(feats(split.adv[split.successful], 2 + number)), y.append(np.ones(int(split.successful.sum())))
-    X_all, y_all = np.concatenate(X), np.concatenate(y)
+            fit_clean = feats(split.clean[split.correct], 1)
+        fit_adv[path.name[len("train-"):]] = feats(split.adv[split.successful], 2 + number)
+
+    def fit_set(without: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        advs = [F for name, F in fit_adv.items() if name != without]
+        return (np.concatenate([fit_clean, *advs]),
+                np.r_[np.zeros(len(fit_clean)), np.ones(sum(len(F) for F in advs))])
+
+    X_all, y_all = fit_set()
     cal_split = load_split(next(work.glob("calibration-*")), kind, inputs=inputs)
     cal = feats(cal_split.clean[cal_split.correct], 100)
     tests: dict[str, np.ndarray] = {}
@@ -135,15 +166,29 @@ def main() -> None:
         if "clean" not in tests:
             tests["clean"] = feats(split.clean[split.correct], 200)
         tests[path.name[len("test-"):]] = feats(split.adv[split.successful], 201 + number)
-    names = BASE + BLUR + [f"{p}{s}" for s in noise for p in ("noise_l", "noise_l2_")]
-    sets = {"score+gap+blur": list(range(5)), "score+gap+noise": [0, 1, 2, *range(5, len(names))],
-            "score+gap+blur+noise": list(range(len(names)))}
-    result = {"detector": args.detector, "noise": noise, "draws": args.draws, "features": names,
+    names = BASE + BLUR + [f"{p}{s}" for s in noise for p in ("noise_l", "noise_l2_")] + [f"step{s}" for s in steps]
+    noise_cols = list(range(5, 5 + 2 * len(noise)))
+    step_cols = list(range(5 + 2 * len(noise), len(names)))
+    sets = {"score+gap+blur": list(range(5)), "score+gap+noise": [0, 1, 2, *noise_cols],
+            "score+gap+blur+noise": list(range(5 + 2 * len(noise)))}
+    if steps:
+        sets.update({"score+gap+step": [0, 1, 2, *step_cols], "score+gap+noise+step": [0, 1, 2, *noise_cols, *step_cols],
+                     "score+gap+blur+noise+step": list(range(len(names))),
+                     "gap+blur+noise+step (no score)": list(range(1, len(names)))})
+    result = {"detector": args.detector, "noise": noise, "draws": args.draws, "steps": list(steps), "features": names,
               "n_fit": {"clean": int((y_all == 0).sum()), "adversarial": int((y_all == 1).sum())},
               "n_calibration": int(len(cal)), "n_test": {k: int(len(v)) for k, v in tests.items()}, "results": {}}
     for kind_name in args.combiners.split(","):
         for set_name, cols in sets.items():
             result["results"][f"{kind_name}:{set_name}"] = evaluate(kind_name, cols, X_all, y_all, cal, tests)
+            if args.leave_one_out:  # the combiner never sees the left-out attack (the fast detector's score did)
+                loo = {}
+                for attack in fit_adv:
+                    X, y = fit_set(without=attack)
+                    held = evaluate(kind_name, cols, X, y, cal, {"clean": tests["clean"], attack: tests[attack]})
+                    loo[attack] = held["attacks"][attack]["roc_auc"]
+                result["results"][f"{kind_name}:{set_name}"]["leave_one_out"] = loo
+                result["results"][f"{kind_name}:{set_name}"]["min_leave_one_out"] = min(loo.values())
     from sklearn.metrics import roc_auc_score
 
     clean = tests["clean"]
@@ -151,6 +196,10 @@ def main() -> None:
         f"{sigma:g}": {name: round(float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(F))],
                                                         np.r_[clean[:, 5 + 2 * i], F[:, 5 + 2 * i]])), 4)
                        for name, F in tests.items() if name != "clean"} for i, sigma in enumerate(noise)}
+    result["step_gap_alone_roc_auc"] = {  # lower gap after the step = adversarial (scored as minus the gap)
+        f"{step:g}": {name: round(float(roc_auc_score(np.r_[np.zeros(len(clean)), np.ones(len(F))],
+                                                       -np.r_[clean[:, col], F[:, col]])), 4)
+                      for name, F in tests.items() if name != "clean"} for step, col in zip(steps, step_cols)}
     result["seconds"] = round(time.time() - start, 1)
     print(json.dumps(result))
 
