@@ -400,6 +400,10 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
                    "on its maps (`detect` uses it; --exact there forces optimised masks).")
 @click.option("--fast-epochs", default=30, show_default=True, type=click.IntRange(min=1),
               help="Epochs of the fast path's mask network.")
+@click.option("--fast-n", default=None, type=click.IntRange(min=1),
+              help="Training images the fast path's detector (and --margin's combination) fit on [default: --n]. "
+                   "Those beyond --n are attacked but not masked (the fast detector reads the mask network's "
+                   "maps), so they cost the attacks only (README, 'More images for the fast path').")
 @click.option("--adaptive-rounds", default=0, show_default=True, type=click.IntRange(min=0),
               help="Harden the fast path's detector: rounds of adversarial training against the white-box adaptive "
                    "attacker (each attacks the fitting images at 2, 4 and 8/255 and refits on what fooled the "
@@ -427,8 +431,8 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
-          fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, adaptive_rounds: int,
-          margin: bool, squeeze: str, class_calibration: bool, noise: str, combiner: str, device: str, seed: int,
+          fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, fast_n: int | None,
+          adaptive_rounds: int, margin: bool, squeeze: str, class_calibration: bool, noise: str, combiner: str, device: str, seed: int,
           as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
@@ -442,7 +446,7 @@ def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str 
                        recovery=RecoveryConfig(method=recovery_method), calibrate_on=calibrate_on,
                        n_calibration=n_calibration, fpr=fpr, inputs=inputs, fast=fast, fast_epochs=fast_epochs,
                        adaptive_rounds=adaptive_rounds, margin=margin, squeeze=squeeze,
-                       class_calibration=class_calibration, noise=noise, combiner=combiner)
+                       class_calibration=class_calibration, noise=noise, combiner=combiner, fast_n=fast_n)
     emit(report.to_dict(), as_json, render_train)
 
 
@@ -469,6 +473,8 @@ def render_train(r: dict[str, Any]) -> str:
         combined += f", noise shifts at {r['fast']['noise']}" if r["fast"].get("noise") else ""
         combined += ", MLP" if r["fast"].get("hidden") else ""
         combined += ", a threshold per class" if r["fast"].get("per_class") else ""
+        if r["fast"].get("n_train", r["n_train"]) != r["n_train"]:
+            combined += f", fitted on {r['fast']['n_train']} training images"
         lines.append(f"fast path (amortized masks{combined}; `detect` uses it): " + "; ".join(
             f"{name} ROC-AUC {m['roc_auc']:.3f}, TPR {pct(m['tpr_at_5fpr'])} at 5% FPR"
             for name, m in r["fast"]["metrics"].items()))

@@ -133,7 +133,8 @@ IMAGE_BUDGET = 2**30  # bytes of training images the mask network learns from (s
 
 @dataclass
 class FastSet:
-    """Images of stored attack sets with their optimised masks (pooled to the mask's cells) and iterations."""
+    """Images of stored attack sets with their optimised masks (pooled to the mask's cells) and iterations
+    (N x 0 masks and zero iterations when read without them: :func:`read_attack_images`)."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -174,17 +175,47 @@ def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int],
     return FastSet(cat["images"], cat["masks"], cat["iterations"], cat["usable"], cat["adv"], cat["set"])
 
 
+def read_attack_images(directories: Sequence[Path], share: float = 1.0, seed: int = 0,
+                       chunk: int = 512) -> FastSet:
+    """Correct clean images of the first attack set and successful attacks of each (no masks: sets the
+    fast path's detector fits on beyond the masked ones); ``share`` < 1 keeps that seeded share of each."""
+    from .splits import AttackSetReader, successful_attacks
+
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "adv", "set")}
+    for number, directory in enumerate(directories):
+        reader = AttackSetReader(directory)
+        for start in range(0, reader.n, chunk):
+            rows = reader.rows(start, min(start + chunk, reader.n))
+            picked = torch.rand(len(rows["labels"]), generator=gen) < share
+            correct = rows["clean_pred"] == rows["labels"]
+            sides = [("adv", successful_attacks(rows["labels"], rows["clean_pred"], rows["adv_pred"]))]
+            for side, good in ([("clean", correct)] if number == 0 else []) + sides:
+                chosen = good & picked
+                parts["images"].append(rows[side][chosen])
+                parts["adv"].append(torch.full((int(chosen.sum()),), side == "adv"))
+                parts["set"].append(torch.full((int(chosen.sum()),), number))
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    n = len(cat["images"])
+    return FastSet(cat["images"], torch.zeros(n, 0), torch.zeros(n), torch.ones(n, dtype=torch.bool), cat["adv"],
+                   cat["set"])
+
+
 def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetector, fit_dirs: Sequence[Path],
                     fit_keep: Sequence[torch.Tensor], calibration: FastSet | None = None,
                     settings: Any = None, seed: int = 0, progress: bool = False,
-                    hardening: Any = None, margin: MarginCombination | None = None) -> FastPath:
+                    hardening: Any = None, margin: MarginCombination | None = None,
+                    extra_dirs: Sequence[Path] = ()) -> FastPath:
     """A mask network trained on the fitting images of ``fit_dirs`` (clean of the first, adversarial of each;
     ``fit_keep``: which images fit) and ``detector`` (unfitted, with the exact detector's parameters) fitted
     on its maps (correct clean vs successful attacks, balanced over the attacks) and calibrated on the
-    clean images of ``calibration``. ``hardening`` (a :class:`~advdetect.hardening.HardeningConfig`):
-    then adversarially train that detector against the white-box adaptive attacker. ``margin`` (an
-    unfitted, configured :class:`MarginCombination`): then combine its score with the classifier's evidence
-    as that combination says (:func:`fit_margin`; needs ``calibration``)."""
+    clean images of ``calibration``. ``extra_dirs`` (attack sets without masks, one per attack of
+    ``fit_dirs``, in the same order): further images the detector and the margin combination fit on (the
+    mask network's maps need no optimised masks). ``hardening`` (a
+    :class:`~advdetect.hardening.HardeningConfig`): then adversarially train that detector against the
+    white-box adaptive attacker. ``margin`` (an unfitted, configured :class:`MarginCombination`): then
+    combine its score with the classifier's evidence as that combination says (:func:`fit_margin`; needs
+    ``calibration``)."""
     from .masks.amortized import mask_net_for
     from .masks.amortized_training import MaskNetFit, fit_mask_net
     from .masks.parameterization import low_res_shape
@@ -192,6 +223,8 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     if margin is not None and calibration is None:
         raise OptionError("the margin combination is calibrated on clean images the detector never fitted on: "
                           "give calibration images")
+    if extra_dirs and len(extra_dirs) != len(fit_dirs):
+        raise ValueError(f"extra_dirs needs one attack set per fitting set ({len(fit_dirs)}), got {len(extra_dirs)}")
     settings = settings or MaskNetFit(seed=seed)
     pool = low_res_shape(tuple(model.info.input_size), config.upsample)
     per_image = 4 * len(model.info.mean) * model.info.input_size[0] * model.info.input_size[1]
@@ -210,10 +243,18 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     fit_mask_net(model, net, data.images.to(device), config, teacher_masks=data.masks,
                  teacher_iterations=data.iterations, settings=settings, progress=progress)
     fast = FastPath(AmortizedMasks(model, net, config), detector)
-    maps, _ = fast.maps(data.images.to(device))
+    images, usable, adversarial, attack = data.images, data.usable, data.adversarial, data.attack
+    if extra_dirs:  # within the same memory budget: a seeded share of them when they hold more
+        from .splits import AttackSetReader
+
+        n_extra = sum(AttackSetReader(d).n for d in extra_dirs) + AttackSetReader(extra_dirs[0]).n
+        more = read_attack_images(extra_dirs, min(1.0, budget / max(n_extra, 1)), seed + 1)
+        images, usable = torch.cat([images, more.images]), torch.cat([usable, more.usable])
+        adversarial, attack = torch.cat([adversarial, more.adversarial]), torch.cat([attack, more.attack])
+    maps, _ = fast.maps(images.to(device))
     maps = maps.cpu()
-    clean = data.usable & ~data.adversarial
-    adv_sets = [maps[data.usable & data.adversarial & (data.attack == i)] for i in range(len(fit_dirs))]
+    clean = usable & ~adversarial
+    adv_sets = [maps[usable & adversarial & (attack == i)] for i in range(len(fit_dirs))]
     cal_maps = None
     if calibration is not None:
         cal_maps, _ = fast.maps(calibration.images.to(device))
@@ -222,10 +263,9 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
     if hardening is not None and hardening.rounds:
         from .hardening import harden_fast_path
 
-        fast = harden_fast_path(fast, data.images[clean], maps[clean], adv_sets, cal_maps, hardening, progress)
+        fast = harden_fast_path(fast, images[clean], maps[clean], adv_sets, cal_maps, hardening, progress)
     if margin is not None:
-        usable = data.usable
-        fast.margin = fit_margin(fast, data.images[usable], maps[usable], data.adversarial[usable],
+        fast.margin = fit_margin(fast, images[usable], maps[usable], adversarial[usable],
                                  calibration.images[calibration.usable], cal_maps, margin)
     return fast
 

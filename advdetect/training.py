@@ -45,7 +45,7 @@ from .maskset import compute_mask_set
 from .models.wrapper import ModelWrapper
 from .recovery import RecoveryConfig
 from .sources import Selection
-from .splits import balanced, load_split, split_metrics
+from .splits import AttackSetReader, balanced, load_split, split_metrics
 from .storage import write_json
 
 log = logging.getLogger(__name__)
@@ -110,7 +110,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                    recovery: RecoveryConfig | None = None, calibrate_on: str = "test",
                    n_calibration: int = 1000, work: str | os.PathLike | None = None,
                    fast: bool = True, fast_settings: MaskNetFit | None = None,
-                   hardening: Any = None, margin: MarginCombination | None = None) -> TrainReport:
+                   hardening: Any = None, margin: MarginCombination | None = None,
+                   fast_n: int | None = None) -> TrainReport:
     """Run the whole pipeline and save the detector under ``out``; return the held-out report.
 
     ``data``: CIFAR-10 (the default) or a folder of the user's own (see :class:`DataSpec`).
@@ -127,6 +128,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     detector against the white-box adaptive attacker (needs the fast path). ``margin`` (an unfitted,
     configured :class:`~advdetect.detector.margin.MarginCombination`): the fast path's verdict combines its
     detector's score with the classifier's evidence as that combination says (needs the fast path).
+    ``fast_n`` (>= ``n``; default ``n``): training images the fast path's detector and combination fit on;
+    the ``fast_n - n`` after the exact detector's are attacked (``work/fast-train-*``) but not masked.
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
@@ -136,12 +139,20 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     if margin is not None and not (fast and fast_supported(mask_config or MaskConfig())):
         raise OptionError("the margin combination is part of the fast path: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
+    if fast_n is not None and fast_n != n and not (fast and fast_supported(mask_config or MaskConfig())):
+        raise OptionError("--fast-n sets the fast path's training images: train the fast path too (--fast, with "
+                          "meaningful deletion or preservation masks)")
+    if fast_n is not None and fast_n < n:
+        raise OptionError(f"--fast-n ({fast_n}) must be at least --n ({n}): the fast path also fits on the exact "
+                          "detector's images")
     if calibrate_on not in CALIBRATION_SOURCES:
         raise OptionError(f"calibrate_on must be one of {', '.join(CALIBRATION_SOURCES)}, got {calibrate_on!r}")
     data = data or DataSpec()
     train_images, test_images = (open_split(data, split, model.info) for split in ("train", "test"))
     if n > len(train_images):
         raise OptionError(f"--n {n}: the training part of the data holds only {len(train_images)} images")
+    if fast_n is not None and fast_n > len(train_images):
+        raise OptionError(f"--fast-n {fast_n}: the training part of the data holds only {len(train_images)} images")
     needed = n_eval + (n_calibration if calibrate_on == "test" else 0)
     if needed > len(test_images):
         raise OptionError(f"--n-eval + --n-calibration ({n_eval} + {n_calibration}) exceeds the "
@@ -204,9 +215,17 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         cal_set = read_fast_set([cal_dir], mask_config.kind, pool, [torch.ones(len(calibration.index), dtype=bool)],
                                 adversarial=False) if calibrate_on == "test" else \
             read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
+        extra_dirs = []
+        if fast_n is not None and fast_n > n:  # attacked, not masked: the fast detector reads the network's maps
+            extra_images = select(train_images, fast_n - n, seed, offset=n)
+            for attack in attacks:
+                generate_attack_set(model, extra_images, attack, work / f"fast-train-{attack.name}",
+                                    batch_size=batch_size, seed=extra_images.record["seed"], progress=progress)
+                extra_dirs.append(work / f"fast-train-{attack.name}")
+            records["fast_fit"] = extra_images.identify(AttackSetReader(extra_dirs[0]).index().tolist())
         fast_path = train_fast_path(model, mask_config, MaskDetector(**detector.get_params()), train_dirs, fit_keep,
                                     cal_set, settings=fast_settings, seed=seed, progress=progress,
-                                    hardening=hardening, margin=margin)
+                                    hardening=hardening, margin=margin, extra_dirs=extra_dirs)
     elif fast:
         log.warning("no fast path: amortized masks stand in for meaningful deletion or preservation masks, "
                     "not %s", mask_config.kind)
@@ -240,6 +259,8 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                                "per_class": bool(fast_path.margin is not None and fast_path.margin.per_class),
                                "noise": list(fast_path.margin.noise) if fast_path.margin is not None else None,
                                "hidden": fast_path.margin.hidden if fast_path.margin is not None else None,
+                               "n_train": max(n, fast_n or n),
+                               "n_fit_maps": getattr(fast_path.detector, "n_samples_fit_", None),
                                "metrics": fast_rows,
                                "hardening": hardening.describe() if hardening is not None and hardening.rounds
                                else None} if fast_path is not None else None)
@@ -280,7 +301,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
               work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30,
               adaptive_rounds: int = 0, margin: bool = False,
               squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False,
-              noise: str | tuple[float, ...] = (), combiner: str = "logistic") -> TrainReport:
+              noise: str | tuple[float, ...] = (), combiner: str = "logistic",
+              fast_n: int | None = None) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
     ``inputs``: what the discriminator reads (:data:`advdetect.detector.inputs.INPUTS`, comma-separated;
@@ -290,7 +312,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     score with the classifier's log-probability gap and its blur shifts at the ``squeeze`` sigmas
     (comma-separated or a tuple; "none": the gap alone) and its noise shifts at the ``noise`` sigmas, with
     ``combiner`` "logistic" or "mlp" (:data:`COMBINERS`); ``class_calibration``: with one threshold per
-    predicted class.
+    predicted class. ``fast_n``: training images of the fast path's detector and combination (default ``n``;
+    those beyond ``n`` are attacked, not masked).
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
@@ -312,7 +335,7 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
                           shard_size=shard_size, recovery=recovery, calibrate_on=calibrate_on,
                           n_calibration=n_calibration, work=work, fast=fast,
                           fast_settings=MaskNetFit(epochs=fast_epochs, seed=seed), hardening=hardening,
-                          margin=margin_config)
+                          margin=margin_config, fast_n=fast_n)
 
 
 COMBINERS = {"logistic": 0, "mlp": 32}  # `train --combiner`: the MarginCombination's hidden width

@@ -33,7 +33,8 @@ def last_json(result):
 def detector_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("det")
     result = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
-                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
+                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS,
+                 "--fast-epochs", "3")  # the fast path's plumbing, not its quality
     assert result.exit_code == 0, result.output
     return out, last_json(result)
 
@@ -54,7 +55,8 @@ def test_train_report_and_artifacts(detector_dir):
     assert all(0 <= m["roc_auc"] <= 1 for m in report["fast"]["metrics"].values())
     # rerunning reuses every finished stage and gives the same report
     again = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
-                "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS)
+                "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS,
+                "--fast-epochs", "3")
     assert again.exit_code == 0 and last_json(again)["metrics"]["bim"]["roc_auc"] == m["roc_auc"]
 
 
@@ -171,6 +173,35 @@ def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, 
     assert row["path"] == "fast" and row["adversarial"] == (row["score"] > saved["threshold"])
     refused = run(*args, "--margin", "--no-fast")
     assert refused.exit_code == 2 and "fast path" in refused.output and "Traceback" not in refused.output
+
+
+def test_fast_n_fits_the_fast_detector_on_images_that_were_attacked_but_not_masked(detector_dir, tmp_path):
+    """--fast-n: the fast path's detector fits on more training images than the exact one, after them in
+    the seeded order (attacked, never masked), which evaluation then refuses like the fitting images."""
+    import shutil
+
+    from advdetect.evaluation.guard import reserved_images
+
+    out = tmp_path / "det"
+    shutil.copytree(detector_dir[0], out)
+    args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
+            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
+    plain = detector_dir[1]["fast"]  # its fast path fitted on the 120 images alone
+    result = run(*args, "--fast-n", "200", "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result)
+    assert plain["n_train"] == 120 and report["fast"]["n_train"] == 200
+    assert report["fast"]["n_fit_maps"] > plain["n_fit_maps"] + 80  # ~80 clean + ~80 attacks more
+    extra = out / "work" / "fast-train-bim"
+    assert (extra / "manifest.json").is_file() and not any(p.name.startswith("masks") for p in extra.iterdir())
+    meta = json.loads((out / "detector.json").read_text())
+    fit, fast_fit = set(meta["images"]["fit"]["indices"]), set(meta["images"]["fast_fit"]["indices"])
+    assert len(fit) == 120 and len(fast_fit) == 80 and not fit & fast_fit
+    assert meta["images"]["fast_fit"] in reserved_images(meta)
+    assert report["n_train"] == 120  # the exact detector: the masked images alone
+    for bad in (["--fast-n", "100"], ["--fast-n", "200", "--no-fast"], ["--fast-n", "60000"]):
+        refused = run(*args, *bad)
+        assert refused.exit_code == 2 and "--fast-n" in refused.output and "Traceback" not in refused.output, bad
 
 
 def test_retraining_without_the_fast_path_removes_the_old_one(detector_dir, tmp_path):

@@ -111,6 +111,7 @@ class MaskDetector:
         self.history_ = result.history
         self.best_val_loss_ = result.best_val_loss
         self.n_features_in_ = tuple(X.shape[1:])
+        self.n_samples_fit_ = int(X.shape[0])  # maps it fitted on (validation share included); not saved
         self.classes_ = np.array([0, 1])
         self.calibrate(X[val_idx][y[val_idx] == 0])
         log.info("detector calibrated on its %d validation clean masks (threshold %.3f); recalibrate on unseen "

@@ -11,14 +11,16 @@ from .config import EvaluateConfig
 
 
 def reserved_images(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    """The images a detector was fitted and calibrated on (detector.json's ``images``).
+    """The images a detector was fitted and calibrated on (detector.json's ``images``; ``fast_fit``: those only
+    its fast path fitted on, `train --fast-n`).
 
     Detectors from before that record are reconstructed from their seed: calibrated on test
     images, they used some of those after their ``n_eval`` held-out ones in the seeded order,
     so every test image after those counts as reserved.
     """
     if isinstance(meta.get("images"), dict):
-        return [meta["images"][k] for k in ("fit", "calibration") if isinstance(meta["images"].get(k), dict)]
+        return [meta["images"][k] for k in ("fit", "fast_fit", "calibration")
+                if isinstance(meta["images"].get(k), dict)]
     if meta.get("calibrated_on") == "test" and isinstance(meta.get("seed"), int) and isinstance(meta.get("n_eval"), int):
         return [subset_record("test", CIFAR10_SIZES["test"] - meta["n_eval"], meta["seed"] + 1, offset=meta["n_eval"])]
     return []
