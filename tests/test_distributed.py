@@ -15,7 +15,8 @@ from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 
 pytestmark = [needs_shared, needs_builtin]
 ARGS = ["train", "--attack", "bim", "--n", "48", "--n-eval", "24", "--n-calibration", "16", "--iterations", "10",
-        "--attack-batch", "16", "--shard-size", "8", "--transfer", "fgsm", "--data-dir", str(SHARED_DATA), "--json"]
+        "--attack-batch", "16", "--shard-size", "8", "--transfer", "fgsm", "--fast-epochs", "1", "--data-dir",
+        str(SHARED_DATA), "--json"]
 
 
 def run(cmd: list[str]) -> dict:
