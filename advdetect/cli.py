@@ -432,8 +432,8 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
           fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, fast_n: int | None,
-          adaptive_rounds: int, margin: bool, squeeze: str, class_calibration: bool, noise: str, combiner: str, device: str, seed: int,
-          as_json: bool, **options: Any) -> None:
+          adaptive_rounds: int, margin: bool, squeeze: str, class_calibration: bool, noise: str, combiner: str,
+          device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig
     from .training import run_train
