@@ -175,16 +175,19 @@ def read_fast_set(directories: Sequence[Path], kind: str, pool: tuple[int, int],
     return FastSet(cat["images"], cat["masks"], cat["iterations"], cat["usable"], cat["adv"], cat["set"])
 
 
-def read_attack_images(directories: Sequence[Path], share: float = 1.0, seed: int = 0,
+def read_attack_images(directories: Sequence[Path], budget: int | None = None, seed: int = 0,
                        chunk: int = 512) -> FastSet:
     """Correct clean images of the first attack set and successful attacks of each (no masks: sets the
-    fast path's detector fits on beyond the masked ones); ``share`` < 1 keeps that seeded share of each."""
+    fast path's detector fits on beyond the masked ones); when the sets hold more than ``budget`` images
+    (the first set's clean ones counted too), the same seeded share of each."""
     from .splits import AttackSetReader, successful_attacks
 
+    readers = [AttackSetReader(d) for d in directories]
+    total = sum(r.n for r in readers) + (readers[0].n if readers else 0)
+    share = 1.0 if budget is None or total <= budget else budget / total
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("images", "adv", "set")}
-    for number, directory in enumerate(directories):
-        reader = AttackSetReader(directory)
+    for number, reader in enumerate(readers):
         for start in range(0, reader.n, chunk):
             rows = reader.rows(start, min(start + chunk, reader.n))
             picked = torch.rand(len(rows["labels"]), generator=gen) < share
@@ -244,11 +247,8 @@ def train_fast_path(model: ModelWrapper, config: MaskConfig, detector: MaskDetec
                  teacher_iterations=data.iterations, settings=settings, progress=progress)
     fast = FastPath(AmortizedMasks(model, net, config), detector)
     images, usable, adversarial, attack = data.images, data.usable, data.adversarial, data.attack
-    if extra_dirs:  # within the same memory budget: a seeded share of them when they hold more
-        from .splits import AttackSetReader
-
-        n_extra = sum(AttackSetReader(d).n for d in extra_dirs) + AttackSetReader(extra_dirs[0]).n
-        more = read_attack_images(extra_dirs, min(1.0, budget / max(n_extra, 1)), seed + 1)
+    if extra_dirs:  # within the same memory budget as the masked images
+        more = read_attack_images(extra_dirs, budget, seed + 1)
         images, usable = torch.cat([images, more.images]), torch.cat([usable, more.usable])
         adversarial, attack = torch.cat([adversarial, more.adversarial]), torch.cat([attack, more.attack])
     maps, _ = fast.maps(images.to(device))

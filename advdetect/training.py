@@ -133,13 +133,14 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
-    if hardening is not None and hardening.rounds and not (fast and fast_supported(mask_config or MaskConfig())):
+    with_fast = fast and fast_supported(mask_config or MaskConfig())
+    if hardening is not None and hardening.rounds and not with_fast:
         raise OptionError("adaptive rounds harden the fast path's detector: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
-    if margin is not None and not (fast and fast_supported(mask_config or MaskConfig())):
+    if margin is not None and not with_fast:
         raise OptionError("the margin combination is part of the fast path: train it too (--fast, with meaningful "
                           "deletion or preservation masks)")
-    if fast_n is not None and fast_n != n and not (fast and fast_supported(mask_config or MaskConfig())):
+    if fast_n is not None and fast_n != n and not with_fast:
         raise OptionError("--fast-n sets the fast path's training images: train the fast path too (--fast, with "
                           "meaningful deletion or preservation masks)")
     if fast_n is not None and fast_n < n:
@@ -206,7 +207,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     detector.fit(X, y)
     detector.calibrate(cal_clean)
     fast_path = None
-    if fast and fast_supported(mask_config):
+    if with_fast:
         from .fastpath import read_fast_set, train_fast_path
         from .masks.parameterization import low_res_shape
 
