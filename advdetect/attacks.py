@@ -12,7 +12,9 @@ cw        Carlini-Wagner L2 (unbounded L-inf)          c 1, kappa 0, steps 50, l
 deepfool  DeepFool (minimal L2, unbounded L-inf)       steps 50, overshoot 0.02
 ========  ==========================================  =====================================
 
-Every attack takes and returns images in [0, 1]; the model wrapper normalizes.
+Every attack takes and returns images in [0, 1]; the model wrapper normalizes. DeepFool is
+:class:`~advdetect.deepfool.BatchedDeepFool` (torchattacks' steps, all images of a batch at once);
+the others are torchattacks'.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from fractions import Fraction
 import torch
 from torch import nn
 
+from .deepfool import BatchedDeepFool
 from .device import seeded
 from .errors import AdvDetectError, OptionError, UnknownNameError
 from .models.wrapper import frozen
@@ -86,7 +89,7 @@ class AttackConfig:
 
 
 def build_attack(model: nn.Module, config: AttackConfig, device: torch.device | str | None = None):
-    """The torchattacks object for ``config`` on ``model`` (which takes [0, 1] images), on ``device``.
+    """The attack object (torchattacks' interface) for ``config`` on ``model`` (which takes [0, 1] images), on ``device``.
 
     torchattacks finds the device from the model's parameters and prints to stdout when it has
     none (an exported program keeps its weights outside the module tree); that print would break
@@ -116,7 +119,7 @@ def _torchattack(model: nn.Module, config: AttackConfig):
         return torchattacks.MIFGSM(model, eps=eps, alpha=alpha, steps=steps)
     if name == "cw":
         return torchattacks.CW(model, c=1, kappa=0, steps=steps, lr=0.01)
-    return torchattacks.DeepFool(model, steps=steps, overshoot=0.02)
+    return BatchedDeepFool(model, steps=steps, overshoot=0.02)
 
 
 def attack_batch(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: AttackConfig,
