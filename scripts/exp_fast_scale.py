@@ -16,7 +16,12 @@ same parameters) and an MLP margin combination (gap, blur shifts at 0.75 and 1.5
 both calibrated to the detector's rate on ``work/calibration-*`` and scored on the held-out ``work/test-*``
 sets: ROC-AUC and TPR at the calibrated threshold, per attack, for the detector alone and combined.
 ``--leave-one-out``: for ``scaled``, also refit detector and combination without one attack's images and
-score that attack (a genuine leave-one-out: neither part saw it). Prints one JSON line.
+score that attack (a genuine leave-one-out: neither part saw it); ``--loo-only fgsm,cw``: only that, for
+the attacks named (no base and scaled fits). ``--reuse-extra``: the extra images are the detector's own
+``work/fast-train-*`` sets (``train --fast-n``) instead of ``--extra`` images attacked here. Prints one
+JSON line.
+
+    python scripts/exp_fast_scale.py --detector runs/mix-300-fast1800 --reuse-extra --loo-only cw,deepfool
 """
 
 from __future__ import annotations
@@ -37,7 +42,7 @@ from advdetect.attacks import AttackConfig, attack_batch  # noqa: E402
 from advdetect.data import load_cifar10  # noqa: E402
 from advdetect.detector import MaskDetector  # noqa: E402
 from advdetect.detector.margin import MarginCombination  # noqa: E402
-from advdetect.fastpath import FastPath, fit_fast_detector, fit_margin  # noqa: E402
+from advdetect.fastpath import FastPath, fit_fast_detector, fit_margin, read_attack_images  # noqa: E402
 from advdetect.splits import load_split  # noqa: E402
 
 
@@ -55,6 +60,17 @@ def attacked(model, images: torch.Tensor, labels: torch.Tensor, attacks: list[At
         print(f"attack {config.name}: {len(advs[config.name])} successful, {time.time() - t0:.0f} s",
               file=sys.stderr)
     return images[correct], advs
+
+
+def reused(work: Path, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The correct clean images and each attack's successful images of ``work/fast-train-<attack>``."""
+    dirs = [work / f"fast-train-{name}" for name in names]
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise SystemExit(f"--reuse-extra: no {', '.join(missing)} (train with --fast-n makes them)")
+    sets = read_attack_images(dirs)
+    advs = {name: sets.images[sets.adversarial & (sets.attack == number)] for number, name in enumerate(names)}
+    return sets.images[~sets.adversarial], advs
 
 
 def scores_of(fast: FastPath, maps: torch.Tensor, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -105,6 +121,8 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--extra", type=int, default=2000)
     parser.add_argument("--leave-one-out", action="store_true")
+    parser.add_argument("--loo-only", default=None, help="comma-separated attacks: only their leave-one-out")
+    parser.add_argument("--reuse-extra", action="store_true", help="the detector's work/fast-train-* sets")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.time()
@@ -135,10 +153,14 @@ def main() -> None:
         tests[path.name[len("test-"):]] = with_maps(split.adv[split.successful])
     loaded = time.time()
 
-    extra = load_cifar10("train", n=args.extra, seed=0, data_dir=args.data_dir, offset=int(report["n_train"]))
     configs = [AttackConfig(**{k: v for k, v in a.items() if k in ("name", "eps", "alpha", "steps")})
                for a in report["attacks"]]
-    clean_x, adv_x = attacked(model, extra.images, extra.labels, configs, seed=args.seed)
+    if args.reuse_extra:
+        clean_x, adv_x = reused(work, [c.name for c in configs])
+        args.extra = f"work/fast-train-* ({len(clean_x)} correct clean images)"
+    else:
+        extra = load_cifar10("train", n=args.extra, seed=0, data_dir=args.data_dir, offset=int(report["n_train"]))
+        clean_x, adv_x = attacked(model, extra.images, extra.labels, configs, seed=args.seed)
     attacked_at = time.time()
     scaled_clean = tuple(torch.cat(p) for p in zip(base_clean, with_maps(clean_x)))
     scaled_advs = {name: tuple(torch.cat(p) for p in zip(base_advs[name], with_maps(adv_x[name])))
@@ -148,20 +170,24 @@ def main() -> None:
                         "scaled": {"clean": len(scaled_clean[0]), **{k: len(v[0]) for k, v in scaled_advs.items()}}},
               "n_calibration": len(cal[0]), "n_test": {k: len(v[0]) for k, v in tests.items()},
               "seconds": {"load": round(loaded - start), "attacks": round(attacked_at - loaded)}}
-    t0 = time.time()
-    result["base"] = judge(fit(fast, base_clean, base_advs, cal, args.seed), tests)
-    result["seconds"]["fit_base"] = round(time.time() - t0)
-    t0 = time.time()
-    result["scaled"] = judge(fit(fast, scaled_clean, scaled_advs, cal, args.seed), tests)
-    result["seconds"]["fit_scaled"] = round(time.time() - t0)
-    print(json.dumps(result), flush=True)
-    if args.leave_one_out:
+    loo = args.loo_only.split(",") if args.loo_only else list(scaled_advs) if args.leave_one_out else []
+    if not args.loo_only:
+        t0 = time.time()
+        result["base"] = judge(fit(fast, base_clean, base_advs, cal, args.seed), tests)
+        result["seconds"]["fit_base"] = round(time.time() - t0)
+        t0 = time.time()
+        result["scaled"] = judge(fit(fast, scaled_clean, scaled_advs, cal, args.seed), tests)
+        result["seconds"]["fit_scaled"] = round(time.time() - t0)
+        print(json.dumps(result), flush=True)
+    if loo:
         t0 = time.time()
         result["leave_one_out"] = {}
-        for name in scaled_advs:
+        for name in loo:
             others = {k: v for k, v in scaled_advs.items() if k != name}
             held = judge(fit(fast, scaled_clean, others, cal, args.seed), tests, only=name)[name]
             result["leave_one_out"][name] = {"detector": held["detector"][0], "combined": held["combined"][0]}
+            print(json.dumps({"leave_one_out": name, **result["leave_one_out"][name],
+                              "seconds": round(time.time() - t0)}), file=sys.stderr, flush=True)
         result["seconds"]["leave_one_out"] = round(time.time() - t0)
     result["seconds"]["total"] = round(time.time() - start)
     print(json.dumps(result))
