@@ -6,13 +6,15 @@ This is the same algorithm, step for step as torchattacks 3.5 does it, for every
 together: at each step every image still classified as its label is linearised, the nearest wrong
 class's boundary is found from the logit differences and gradient differences, and the image moves
 ``(1 + overshoot)`` times the distance to it, clamped to [0, 1]; an image stops as soon as the model
-no longer predicts its label (it is then returned as it is).
+no longer predicts its label (it is then returned as it is), or when a step leaves it exactly where
+it was (torchattacks' overshoot scales each step, not the total, so an image that lands on a boundary
+with a logit gap of zero stays there: torchattacks repeats that same step until ``steps``).
 
 The class gradients come from one backward pass per class over the batch (the images are
 independent in eval mode, so the gradient of the batch's summed logit is each image's own), and
 the nearest boundary is kept as a running minimum over the classes, so memory stays a few copies of
 the batch whatever the number of classes. One deliberate difference: a wrong class whose gradient
-equals the label's (a 0/0 distance) is skipped, where torchattacks would return a NaN image.
+equals the label's (a 0/0 or 1/0 distance) is skipped, where torchattacks would return a NaN image.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class BatchedDeepFool:
         return adv
 
     def _step(self, x: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One DeepFool step for each image: (the moved images, which ones were still correct)."""
+        """One DeepFool step for each image: (the moved images, which ones go on: still correct, and moved)."""
         x = x.clone().requires_grad_(True)
         with torch.enable_grad():
             logits = self.model(x)
@@ -63,12 +65,14 @@ class BatchedDeepFool:
                 w_prime = wk - w0
                 f_prime = (logits.detach()[:, k] - f0).abs()
                 norm = w_prime.flatten(1).norm(dim=1)
-                value = torch.nan_to_num(f_prime / norm, nan=float("inf"))
+                value = torch.nan_to_num(f_prime / norm, nan=float("inf"), posinf=float("inf"))
                 value[label == k] = float("inf")
                 nearer = value < best  # strict: the first class of a tie, as torch.min picks
                 best = torch.where(nearer, value, best)
                 scale = (f_prime / norm.square()).view(-1, *[1] * (x.dim() - 1))
                 step = torch.where(nearer.view_as(scale), scale * w_prime, step)
         x = x.detach()
-        moved = torch.clamp(x + (1 + self.overshoot) * step, 0, 1)
-        return torch.where(correct.view(-1, *[1] * (x.dim() - 1)), moved, x), correct
+        go = correct.view(-1, *[1] * (x.dim() - 1))
+        moved = torch.where(go, torch.clamp(x + (1 + self.overshoot) * step, 0, 1), x)
+        # an image this step leaves exactly where it was would take the same step at every later one
+        return moved, correct & (moved != x).flatten(1).any(dim=1)

@@ -39,3 +39,23 @@ def test_batched_deepfool_stops_each_image_when_it_is_misclassified(tiny_model, 
 def test_batched_deepfool_rejects_bad_options(tiny_model, kwargs):
     with pytest.raises(ValueError):
         BatchedDeepFool(tiny_model, **kwargs)
+
+
+class Tied(torch.nn.Module):
+    """Classes 0 and 1 always have the same logit, above class 2's: DeepFool's step from class 0 is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        s = x.flatten(1).sum(1, keepdim=True)
+        return torch.cat([s, s, s - 1], dim=1)
+
+
+def test_batched_deepfool_stops_an_image_its_step_leaves_where_it_was():
+    model, images = Tied(), torch.rand(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    adv = BatchedDeepFool(model, steps=50)(images, torch.zeros(3, dtype=torch.long))
+    assert torch.equal(adv, images)
+    assert model.calls == 1  # torchattacks would repeat the same zero step 50 times
