@@ -401,7 +401,8 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
 @click.option("--fast-epochs", default=30, show_default=True, type=click.IntRange(min=1),
               help="Epochs of the fast path's mask network.")
 @click.option("--fast-n", default=None, type=click.IntRange(min=1),
-              help="Training images the fast path's detector (and --margin's combination) fit on [default: --n]. "
+              help="Training images the fast path's detector (and --margin's combination) fit on [default: 6 x "
+                   "--n, at most 10,000 and what the data's training part holds]. "
                    "Those beyond --n are attacked but not masked (the fast detector reads the mask network's "
                    "maps), so they cost the attacks only (README, 'More images for the fast path').")
 @click.option("--adaptive-rounds", default=0, show_default=True, type=click.IntRange(min=0),

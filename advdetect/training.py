@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 
 
 CALIBRATION_SOURCES = ("test", "train")
+# the fast path's detector fits on this many times --n training images by default (at most FAST_N_MAX): its
+# maps come from the mask network in one pass, so the extra images cost their attacks only, ~0.4 s an image
+# for the six default attacks on the 2-core CPU (README, "More images for the fast path")
+FAST_N_FACTOR = 6
+FAST_N_MAX = 10_000
 
 
 @dataclass
@@ -102,6 +107,12 @@ def prepare_split(model: ModelWrapper, attack: AttackConfig, images: Selection, 
     return directory
 
 
+def default_fast_n(n: int, available: int, with_fast: bool = True) -> int:
+    """``train``'s default ``fast_n``: :data:`FAST_N_FACTOR` x ``n``, at most :data:`FAST_N_MAX` and the
+    ``available`` training images, never below ``n`` (and ``n`` when there is no fast path)."""
+    return max(n, min(FAST_N_FACTOR * n, FAST_N_MAX, available)) if with_fast else n
+
+
 def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_eval: int, out: str | os.PathLike,
                    mask_config: MaskConfig | None = None, detector: MaskDetector | None = None,
                    transfer: list[AttackConfig] | None = None, calibration_fraction: float = 0.2,
@@ -128,8 +139,9 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
     detector against the white-box adaptive attacker (needs the fast path). ``margin`` (an unfitted,
     configured :class:`~advdetect.detector.margin.MarginCombination`): the fast path's verdict combines its
     detector's score with the classifier's evidence as that combination says (needs the fast path).
-    ``fast_n`` (>= ``n``; default ``n``): training images the fast path's detector and combination fit on;
-    the ``fast_n - n`` after the exact detector's are attacked (``work/fast-train-*``) but not masked.
+    ``fast_n`` (>= ``n``; default :func:`default_fast_n`: 6 x ``n``, at most 10,000 and what the data's
+    training part holds): training images the fast path's detector and combination fit on; the
+    ``fast_n - n`` after the exact detector's are attacked (``work/fast-train-*``) but not masked.
     """
     if not 0 < calibration_fraction < 1:
         raise OptionError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
@@ -154,6 +166,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
         raise OptionError(f"--n {n}: the training part of the data holds only {len(train_images)} images")
     if fast_n is not None and fast_n > len(train_images):
         raise OptionError(f"--fast-n {fast_n}: the training part of the data holds only {len(train_images)} images")
+    fast_n = default_fast_n(n, len(train_images), with_fast) if fast_n is None else fast_n
     needed = n_eval + (n_calibration if calibrate_on == "test" else 0)
     if needed > len(test_images):
         raise OptionError(f"--n-eval + --n-calibration ({n_eval} + {n_calibration}) exceeds the "
@@ -217,7 +230,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                                 adversarial=False) if calibrate_on == "test" else \
             read_fast_set([train_dirs[0]], mask_config.kind, pool, [~fitting], adversarial=False)
         extra_dirs = []
-        if fast_n is not None and fast_n > n:  # attacked, not masked: the fast detector reads the network's maps
+        if fast_n > n:  # attacked, not masked: the fast detector reads the network's maps
             extra_images = select(train_images, fast_n - n, seed, offset=n)
             for attack in attacks:
                 generate_attack_set(model, extra_images, attack, work / f"fast-train-{attack.name}",
@@ -260,7 +273,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                                "per_class": bool(fast_path.margin is not None and fast_path.margin.per_class),
                                "noise": list(fast_path.margin.noise) if fast_path.margin is not None else None,
                                "hidden": fast_path.margin.hidden if fast_path.margin is not None else None,
-                               "n_train": max(n, fast_n or n),
+                               "n_train": max(n, fast_n),
                                "n_fit_maps": getattr(fast_path.detector, "n_samples_fit_", None),
                                "metrics": fast_rows,
                                "hardening": hardening.describe() if hardening is not None and hardening.rounds
@@ -313,8 +326,8 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     score with the classifier's log-probability gap and its blur shifts at the ``squeeze`` sigmas
     (comma-separated or a tuple; "none": the gap alone) and its noise shifts at the ``noise`` sigmas, with
     ``combiner`` "logistic" or "mlp" (:data:`COMBINERS`); ``class_calibration``: with one threshold per
-    predicted class. ``fast_n``: training images of the fast path's detector and combination (default ``n``;
-    those beyond ``n`` are attacked, not masked).
+    predicted class. ``fast_n``: training images of the fast path's detector and combination (default
+    :func:`default_fast_n`; those beyond ``n`` are attacked, not masked).
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).

@@ -34,7 +34,7 @@ def detector_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("det")
     result = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
                  "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS,
-                 "--fast-epochs", "3")  # the fast path's plumbing, not its quality
+                 "--fast-epochs", "3", "--fast-n", "120")  # the fast path's plumbing, not its quality
     assert result.exit_code == 0, result.output
     return out, last_json(result)
 
@@ -56,7 +56,7 @@ def test_train_report_and_artifacts(detector_dir):
     # rerunning reuses every finished stage and gives the same report
     again = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS,
-                "--fast-epochs", "3")
+                "--fast-epochs", "3", "--fast-n", "120")
     assert again.exit_code == 0 and last_json(again)["metrics"]["bim"]["roc_auc"] == m["roc_auc"]
 
 
@@ -128,7 +128,7 @@ def test_adaptive_rounds_harden_the_fast_detector(detector_dir, tmp_path):
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
     args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
-            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "3", *FAST_MASKS]
+            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "3", "--fast-n", "120", *FAST_MASKS]
     result = run(*args, "--adaptive-rounds", "1", "--json")
     assert result.exit_code == 0, result.output
     hardening = last_json(result)["fast"]["hardening"]
@@ -262,7 +262,8 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
 
     out = tmp_path / "det"
     result = run("train", "--attack", "bim", "--n", "40", "--n-eval", "20", "--n-calibration", "20",
-                 "--game", "preserve", "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", *FAST_MASKS)
+                 "--game", "preserve", "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", "--fast-n", "40",
+                 *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
     assert meta["mask_config"]["game"] == "preserve" and meta["recovery_config"]["game"] == "delete"
@@ -335,7 +336,7 @@ def test_detector_with_evidence_planes_end_to_end(tmp_path):
     out = tmp_path / "det"
     result = run("train", "--attack", "fgsm", "--n", "40", "--n-eval", "20", "--n-calibration", "20", "--out",
                  str(out), "--data-dir", str(SHARED_DATA), "--inputs", "confidence,masks,residual", "--json",
-                 "--iterations", "20")
+                 "--iterations", "20", "--fast-n", "40")
     assert result.exit_code == 0, result.output
     report = last_json(result)
     assert set(report["metrics"]["fgsm"]["fpr_per_class"]) <= set(load_attack_set(out / "work" / "test-fgsm")
@@ -376,3 +377,28 @@ def test_bare_train_fits_one_detector_on_every_attack(tmp_path):
     meta = json.loads((out / "detector.json").read_text())
     assert [a["name"] for a in meta["attacks"]] == list(DETECTOR_ATTACKS)
     assert {p.name for p in (out / "work").glob("train-*")} == {f"train-{a}" for a in DETECTOR_ATTACKS}
+
+
+def test_default_fast_n_is_six_times_n_within_the_data():
+    from advdetect.training import default_fast_n
+
+    assert default_fast_n(300, 50_000) == 1800
+    assert default_fast_n(300, 1000) == 1000  # capped by the training images there are
+    assert default_fast_n(5000, 50_000) == 10_000 and default_fast_n(12_000, 50_000) == 12_000  # and at 10,000
+    assert default_fast_n(300, 300) == 300 and default_fast_n(300, 1800, with_fast=False) == 300
+
+
+def test_bare_train_fits_the_fast_detector_on_six_times_n_images(tmp_path):
+    """No --fast-n: the fast detector fits on 6 x --n training images, the 5 x n beyond --n attacked, not masked."""
+    out = tmp_path / "det"
+    result = run("train", "--attack", "fgsm", "--n", "12", "--n-eval", "10", "--n-calibration", "10",
+                 "--iterations", "10", "--fast-epochs", "1", "--out", str(out), "--data-dir", str(SHARED_DATA),
+                 "--json")
+    assert result.exit_code == 0, result.output
+    report = last_json(result)
+    assert report["n_train"] == 12 and report["fast"]["n_train"] == 72
+    meta = json.loads((out / "detector.json").read_text())
+    assert len(meta["images"]["fit"]["indices"]) == 12 and len(meta["images"]["fast_fit"]["indices"]) == 60
+    extra = out / "work" / "fast-train-fgsm"
+    assert not any(p.name.startswith("masks") for p in extra.iterdir())
+    assert report["fast"]["n_fit_maps"] > 60  # the 12 images' maps alone would be at most 24

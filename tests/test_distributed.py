@@ -15,7 +15,7 @@ from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 
 pytestmark = [needs_shared, needs_builtin]
 ARGS = ["train", "--attack", "bim", "--n", "48", "--n-eval", "24", "--n-calibration", "16", "--iterations", "10",
-        "--attack-batch", "16", "--shard-size", "8", "--transfer", "fgsm", "--fast-epochs", "1", "--data-dir",
+        "--attack-batch", "16", "--shard-size", "8", "--transfer", "fgsm", "--fast-epochs", "1", "--fast-n", "48", "--data-dir",
         str(SHARED_DATA), "--json"]
 
 
