@@ -385,6 +385,11 @@ class WithEvidence(nn.Module):
         self.maps, self.model = maps, model
         self.combination = MarginCombination() if combination is None else combination
 
+    @property
+    def deterministic(self) -> bool:
+        """As deterministic as ``maps``: the evidence (gap, blur and fixed-pattern noise shifts) is."""
+        return bool(getattr(self.maps, "deterministic", False))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return with_evidence_planes(self.maps(x), self.combination.evidence(self.model, x))
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -59,6 +59,8 @@ class MaskSurrogate(nn.Module):
             nn.Conv2d(2 * width, width, 3, padding=1), nn.GELU(),
             nn.Conv2d(width, channels, 3, padding=1),
         )
+
+    deterministic = True  # the same image gives the same maps (adaptive_candidates may drop settled images)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.net(x))
@@ -132,10 +134,13 @@ def _margin(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor | None =
 
 
 def _losses(model: ModelWrapper, surrogate: nn.Module, detector_net: nn.Module, x: torch.Tensor, y: torch.Tensor,
-            threshold: float, cfg: AdaptiveConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            threshold: float, cfg: AdaptiveConfig,
+            rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The attack loss, the classifier's (targeted) margin and the detector's score (zeros when ``cfg.lam``
-    is 0: an attack on the classifier alone does not run the detector)."""
-    margin = _margin(model(x), y, cfg.targets)
+    is 0: an attack on the classifier alone does not run the detector). ``rows``: which of ``cfg.targets``
+    ``x`` holds (all by default)."""
+    targets = cfg.targets if rows is None or cfg.targets is None else cfg.targets.to(rows.device)[rows]
+    margin = _margin(model(x), y, targets)
     if cfg.lam == 0:
         return margin.clamp_min(-cfg.kappa), margin, torch.zeros_like(margin)
     score = detector_net(surrogate(x))
@@ -165,6 +170,11 @@ def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: Mas
                         labels: torch.Tensor, cfg: AdaptiveConfig, init: torch.Tensor | None = None) -> list[torch.Tensor]:
     """One PGD result per restart, within ``cfg.eps`` (L-inf) of ``images``, each on ``model.device``.
 
+    Where the attacked maps are deterministic (``surrogate.deterministic``, or no detector term), an
+    image whose gradient is exactly zero (the loss's margin and detector terms both met with their
+    room) would stay where it is at every later step, so it leaves the batch: the same result, fewer
+    passes.
+
     ``cfg.restarts`` runs start from uniform noise in the ball. ``init`` (e.g. the attack's result
     at a smaller eps, which lies inside this ball too) adds two candidates: ``init`` itself,
     untouched, and a run that starts there. Keeping ``init`` unchanged is what makes a larger
@@ -180,6 +190,9 @@ def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: Mas
     x0, y = images.to(device).float(), labels.to(device)
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
     project = lambda x: torch.min(torch.max(x, x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)  # noqa: E731
+    project_rows = lambda x, rows: torch.min(torch.max(x, x0[rows] - cfg.eps), x0[rows] + cfg.eps).clamp(0, 1)  # noqa: E731
+    # on a deterministic attacked pipeline an image with a zero gradient never moves again, so it leaves the batch
+    settles = cfg.lam == 0 or bool(getattr(surrogate, "deterministic", False))
     starts: list[torch.Tensor | None] = [None] * cfg.restarts
     candidates: list[torch.Tensor] = []
     if init is not None:
@@ -196,14 +209,19 @@ def adaptive_candidates(model: ModelWrapper, surrogate: nn.Module, detector: Mas
                 x = (x0 + noise).clamp(0, 1)
             else:
                 x = start.clone()
+            moving = torch.arange(len(x0), device=device)  # images whose gradient may still be nonzero
             for _ in range(cfg.steps):
-                x.requires_grad_(True)
-                grad = torch.zeros_like(x)
+                if not len(moving):
+                    break
+                part = x[moving].requires_grad_(True)
+                grad = torch.zeros_like(part)
                 for _ in range(cfg.eot):  # EOT: a randomised pipeline draws afresh on every call
-                    loss, _, _ = _losses(model, surrogate, detector_net, x, y, threshold, cfg)
-                    grad += torch.autograd.grad(loss.sum(), x)[0]
+                    loss, _, _ = _losses(model, surrogate, detector_net, part, y[moving], threshold, cfg, moving)
+                    grad += torch.autograd.grad(loss.sum(), part)[0]
                 with torch.no_grad():
-                    x = project(x - alpha * grad.sign())
+                    x[moving] = project_rows(part - alpha * grad.sign(), moving)
+                if settles:  # a zero gradient (both terms met with room) leaves the image where it is for good
+                    moving = moving[grad.flatten(1).abs().amax(1) > 0]
             candidates.append(x.detach())
     return candidates
 
@@ -250,6 +268,7 @@ class AdaptiveResult:
     fooled: float  # classifier fooled (whatever the detector says)
     detected: float  # of the fooled images, fraction the real detector flags
     surrogate_success: float  # success as the attacker's surrogate sees it
+    attacked: int | None = None  # images PGD ran on (the rest already succeeded from the warm start)
 
     def to_dict(self) -> dict[str, float | int]:
         from dataclasses import asdict
@@ -261,6 +280,8 @@ class FastPathMaps(nn.Module):
     """The fast path's maps as a differentiable function of the image (classifier -> mask network ->
     perturbed classifier -> maps): a white-box attacker differentiates the real thing, no surrogate.
     The only difference from :meth:`FastPath.maps`: the iteration share is not rounded to whole iterations."""
+
+    deterministic = True
 
     def __init__(self, fast: FastPath) -> None:
         super().__init__()
@@ -306,40 +327,62 @@ def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskD
     optimisation, detector) on its candidates and keep, per image, one that succeeds there (the
     smallest perturbation first); failing that, a fooling one with the lowest real detector
     score; failing that, the lowest classifier margin. Returns the result and the chosen
-    adversarial images (pass them as ``init`` to warm-start a larger eps). ``real_maps``: the
-    pipeline's maps of a batch (default: the optimised masks of ``mask_config``; the fast path's
-    for an attack on it).
+    adversarial images (pass them as ``init`` to warm-start a larger eps or a further setting).
+    An image whose ``init`` already succeeds on the real pipeline is kept as it is and not attacked
+    again (success is all that is counted, so a further run could not change it); ``attacked`` in
+    the result says how many were. ``real_maps``: the pipeline's maps of a batch (default: the
+    optimised masks of ``mask_config``; the fast path's for an attack on it).
     """
-    candidates = adaptive_candidates(model, surrogate, detector, images, labels, cfg, init=init)
     device = model.device
     x0, y = images.to(device).float(), labels.to(device)
     if real_maps is None:
         explainer = make_explainer(model, mask_config)
         real_maps = lambda x: maps_for_result(detector.input_names(), x, explainer.attribute(x))  # noqa: E731
-    tiers, keys, preds, scores, sur_scores = [], [], [], [], []
-    for x in candidates:
+
+    def judged(x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """tier (0 succeeds, 1 fools the classifier only, 2 neither), key, prediction, real and surrogate score."""
         logits = model.logits(x)
-        margin = _margin(logits, y).cpu()
-        maps = real_maps(x).cpu()
-        real = torch.as_tensor(detector.decision_function(maps)).float()
+        margin = _margin(logits, y[rows]).cpu()
+        real = torch.as_tensor(detector.decision_function(real_maps(x).cpu())).float()
         with torch.no_grad(), frozen(surrogate):
-            sur_scores.append(torch.as_tensor(detector.decision_function(surrogate(x).cpu())).float())
+            sur = torch.as_tensor(detector.decision_function(surrogate(x).cpu())).float()
         fooled, passes = margin < 0, real <= detector.threshold_
-        tiers.append(torch.where(fooled & passes, 0, torch.where(fooled, 1, 2)))
-        keys.append(torch.where(fooled & passes, (x - x0).flatten(1).norm(dim=1).cpu(),
-                                torch.where(fooled, real, margin)))
-        preds.append(logits.argmax(1).cpu())
-        scores.append(real)
-    choice = _choose(tiers, keys)
-    adv, pred = _gather(candidates, choice).cpu(), _gather(preds, choice)
-    score, sur_score = _gather(scores, choice), _gather(sur_scores, choice)
+        tier = torch.where(fooled & passes, 0, torch.where(fooled, 1, 2))
+        key = torch.where(fooled & passes, (x - x0[rows]).flatten(1).norm(dim=1).cpu(),
+                          torch.where(fooled, real, margin))
+        return tier, key, logits.argmax(1).cpu(), real, sur
+
+    everyone = torch.arange(len(x0), device=device)
+    if init is None:
+        start, settled = None, torch.zeros(len(x0), dtype=torch.bool)
+    else:  # the warm start, inside this ball (it may come from a smaller eps)
+        start = torch.min(torch.max(init.to(device).float(), x0 - cfg.eps), x0 + cfg.eps).clamp(0, 1)
+        kept = judged(start, everyone)
+        settled = kept[0] == 0
+    rows = (~settled).nonzero().squeeze(1)  # on the CPU; ``on`` indexes tensors on ``device``
+    on = rows.to(device)
+    adv = x0.clone() if start is None else start.clone()
+    out = [torch.zeros(len(x0), dtype=torch.long), torch.zeros(len(x0)), torch.zeros(len(x0))] if start is None \
+        else [kept[2].clone(), kept[3].clone(), kept[4].clone()]
+    if len(rows):
+        sub = replace(cfg, targets=None if cfg.targets is None else cfg.targets.cpu()[rows])
+        candidates = adaptive_candidates(model, surrogate, detector, x0[on], y[on], sub,
+                                         init=None if start is None else start[on])
+        stats = [judged(x, on) for x in (candidates if start is None else candidates[1:])]
+        if start is not None:  # candidates[0] is the warm start itself, judged above
+            stats.insert(0, tuple(t[rows] for t in kept))
+        choice = _choose([s[0] for s in stats], [s[1] for s in stats])
+        adv[on] = _gather(candidates, choice)
+        for slot, column in enumerate((2, 3, 4)):
+            out[slot][rows] = _gather([s[column] for s in stats], choice)
+    pred, score, sur_score = out
     fooled = pred != labels.cpu()
     passes = score <= detector.threshold_
     frac = lambda t: float(t.float().mean()) if t.numel() else float("nan")  # noqa: E731
     result = AdaptiveResult(eps=cfg.eps, steps=cfg.steps, restarts=cfg.restarts + (init is not None), n=len(images),
                             success=frac(fooled & passes), fooled=frac(fooled), detected=frac(~passes[fooled]),
-                            surrogate_success=frac(fooled & (sur_score <= detector.threshold_)))
-    return result, adv
+                            surrogate_success=frac(fooled & (sur_score <= detector.threshold_)), attacked=len(rows))
+    return result, adv.detach().cpu()
 
 
 def surrogate_pairs(splits: list[Split], rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

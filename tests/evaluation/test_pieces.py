@@ -96,6 +96,10 @@ def test_adaptive_success_never_drops_when_warm_started(tiny_model, tiny_images)
     assert large.success >= small.success
     assert bool((succeeds(adv_large) | ~succeeds(adv_small)).all())  # every image that succeeded still does
     assert succeeds(adv_large).float().mean() == pytest.approx(large.success)
+    # an image the warm start already carries past classifier and detector is kept as it is, not attacked again
+    settled = succeeds(adv_small)
+    assert small.attacked == len(x) and large.attacked == int((~settled).sum())
+    assert torch.equal(adv_large[settled], adv_small[settled])
 
 
 def test_more_attacker_settings_never_lower_success(tiny_model, tiny_images):
@@ -149,6 +153,33 @@ def test_multi_targeted_runs_aim_for_the_next_classes_and_never_lower_success(ti
         assert targeted["restarts"] == plain["restarts"] + len(config.adaptive_settings) * 2 * 2
     with pytest.raises(ValueError, match="adaptive_targets"):
         EvaluateConfig(adaptive_targets=-1)
+
+
+def test_settled_images_leave_the_batch_with_the_same_result(tiny_model, tiny_images):
+    """On deterministic attacked maps an image whose gradient is zero (both loss terms met) stops being
+    computed: the candidates equal a run that keeps every image, with fewer images passed through."""
+    from advdetect.evaluation.adaptive import adaptive_candidates
+
+    x, y, _, _, det, surrogate = attacked_setup(tiny_model, tiny_images)
+
+    class Counted(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module, deterministic: bool) -> None:
+            super().__init__()
+            self.inner, self.deterministic, self.images = inner, deterministic, 0
+
+        def forward(self, images):
+            self.images += len(images)
+            return self.inner(images)
+
+    cfg = AdaptiveConfig(eps=32 / 255, steps=15, restarts=2, kappa=0.5, kappa_detector=-1e3)  # reachable aims
+    runs = {}
+    for deterministic in (False, True):
+        maps = Counted(surrogate, deterministic)
+        runs[deterministic] = adaptive_candidates(tiny_model, maps, det, x, y, cfg), maps.images
+    (every, passed_every), (settled, passed_settled) = runs[False], runs[True]
+    assert passed_every == 2 * 15 * len(x) and passed_settled < passed_every
+    for a, b in zip(every, settled):
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_eot_averages_each_step_over_fresh_draws(tiny_model, tiny_images):
