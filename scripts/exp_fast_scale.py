@@ -18,8 +18,11 @@ sets: ROC-AUC and TPR at the calibrated threshold, per attack, for the detector 
 ``--leave-one-out``: for ``scaled``, also refit detector and combination without one attack's images and
 score that attack (a genuine leave-one-out: neither part saw it); ``--loo-only fgsm,cw``: only that, for
 the attacks named (no base and scaled fits). ``--reuse-extra``: the extra images are the detector's own
-``work/fast-train-*`` sets (``train --fast-n``) instead of ``--extra`` images attacked here. Prints one
-JSON line.
+``work/fast-train-*`` sets (``train --fast-n``) instead of ``--extra`` images attacked here; ``--more N``
+adds N further training images after them, attacked here. ``--no-base``: no fit on the detector's own
+training sets alone. Prints one JSON line.
+
+    python scripts/exp_fast_scale.py --detector runs/headline-300 --reuse-extra --more 3200 --no-base
 
     python scripts/exp_fast_scale.py --detector runs/mix-300-fast1800 --reuse-extra --loo-only cw,deepfool
 """
@@ -123,6 +126,10 @@ def main() -> None:
     parser.add_argument("--leave-one-out", action="store_true")
     parser.add_argument("--loo-only", default=None, help="comma-separated attacks: only their leave-one-out")
     parser.add_argument("--reuse-extra", action="store_true", help="the detector's work/fast-train-* sets")
+    parser.add_argument("--more", type=int, default=0,
+                        help="with --reuse-extra: this many further training images, after the fast-train ones, "
+                             "attacked here")
+    parser.add_argument("--no-base", action="store_true", help="skip the fit on the detector's own training sets")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     start = time.time()
@@ -155,9 +162,18 @@ def main() -> None:
 
     configs = [AttackConfig(**{k: v for k, v in a.items() if k in ("name", "eps", "alpha", "steps")})
                for a in report["attacks"]]
+    if args.more and not args.reuse_extra:
+        raise SystemExit("--more adds images after the detector's work/fast-train-* sets: pass --reuse-extra too")
     if args.reuse_extra:
         clean_x, adv_x = reused(work, [c.name for c in configs])
         args.extra = f"work/fast-train-* ({len(clean_x)} correct clean images)"
+        if args.more:
+            more = load_cifar10("train", n=args.more, seed=0, data_dir=args.data_dir,
+                                offset=int(report["fast"]["n_train"]))
+            more_x, more_adv = attacked(model, more.images, more.labels, configs, seed=args.seed)
+            clean_x = torch.cat([clean_x, more_x])
+            adv_x = {name: torch.cat([adv_x[name], more_adv[name]]) for name in adv_x}
+            args.extra += f" + {args.more} more ({len(more_x)} correct)"
     else:
         extra = load_cifar10("train", n=args.extra, seed=0, data_dir=args.data_dir, offset=int(report["n_train"]))
         clean_x, adv_x = attacked(model, extra.images, extra.labels, configs, seed=args.seed)
@@ -172,9 +188,10 @@ def main() -> None:
               "seconds": {"load": round(loaded - start), "attacks": round(attacked_at - loaded)}}
     loo = args.loo_only.split(",") if args.loo_only else list(scaled_advs) if args.leave_one_out else []
     if not args.loo_only:
-        t0 = time.time()
-        result["base"] = judge(fit(fast, base_clean, base_advs, cal, args.seed), tests)
-        result["seconds"]["fit_base"] = round(time.time() - t0)
+        if not args.no_base:
+            t0 = time.time()
+            result["base"] = judge(fit(fast, base_clean, base_advs, cal, args.seed), tests)
+            result["seconds"]["fit_base"] = round(time.time() - t0)
         t0 = time.time()
         result["scaled"] = judge(fit(fast, scaled_clean, scaled_advs, cal, args.seed), tests)
         result["seconds"]["fit_scaled"] = round(time.time() - t0)
