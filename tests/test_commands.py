@@ -149,7 +149,7 @@ def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, 
     out = tmp_path / "det"
     shutil.copytree(detector_dir[0], out)
     args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
-            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", *FAST_MASKS]
+            "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", "--fast-n", "120", *FAST_MASKS]
     for bad in (["--class-calibration"], ["--noise", "0.01"], ["--combiner", "mlp"], ["--margin", "--noise", "-1"]):
         refused = run(*args, *bad)
         assert refused.exit_code == 2 and ("--margin" in refused.output or "--noise" in refused.output), bad

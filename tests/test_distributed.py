@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,21 +20,33 @@ ARGS = ["train", "--attack", "bim", "--n", "48", "--n-eval", "24", "--n-calibrat
         str(SHARED_DATA), "--json"]
 
 
-def run(cmd: list[str]) -> dict:
+def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
     # one thread per process, as torchrun sets: with the same threads results are bit-identical
     # (a different thread count reorders float sums: masks then agree to ~1e-6)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1, proc.stdout  # only rank 0 prints the result
+    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:  # files: no pipe fills
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True), log
+
+
+def result(proc: subprocess.Popen, log: Path) -> dict:
+    proc.wait(timeout=900)
+    stdout, stderr = log.with_suffix(".out").read_text(), log.with_suffix(".err").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, stdout  # only rank 0 prints the result
     return json.loads(lines[0])
 
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
-    one = run([sys.executable, "-m", "advdetect", *ARGS, "--out", str(tmp_path / "one")])
-    two = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "advdetect", "--", *ARGS, "--out", str(tmp_path / "two")])
+    # both runs at once (one thread each: three on two cores); scheduling changes no result
+    procs = [start([sys.executable, "-m", "advdetect", *ARGS, "--out", str(tmp_path / "one")], tmp_path / "one-log"),
+             start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "advdetect", "--", *ARGS, "--out", str(tmp_path / "two")], tmp_path / "two-log")]
+    try:
+        one, two = [result(*p) for p in procs]
+    finally:
+        for proc, _ in procs:
+            proc.kill()
 
     for split in ("train-bim", "test-bim", "test-fgsm"):
         a, b = (load_attack_set(tmp_path / run_ / "work" / split) for run_ in ("one", "two"))

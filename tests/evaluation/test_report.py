@@ -28,9 +28,9 @@ def report_dir(fast_quick_detector, tmp_path_factory):
     out = tmp_path_factory.mktemp("report")
     result = CliRunner().invoke(main, [
         "evaluate", "--detector", str(fast_quick_detector), "--out", str(out), "--n", "24", "--attacks", "fgsm,bim,cw",
-        "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "6", "--adaptive-eps", "8/255,32/255",
+        "--eps", "4/255,8/255", "--n-baseline", "16", "--adaptive-n", "4", "--adaptive-eps", "8/255,32/255",
         "--adaptive-steps", "3", "--adaptive-unroll", "1", "--adaptive-settings", "1:2,0.3:2", "--methods",
-        "extremal,robust", "--n-methods", "8", "--data-dir", str(SHARED_DATA), "--json"])
+        "extremal,robust", "--n-methods", "4", "--data-dir", str(SHARED_DATA), "--json"])
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout.strip().splitlines()[-1])
 
