@@ -7,6 +7,7 @@
 folder (the held-out ``work/test-<attack>`` sets). In one warm process (model and detector loaded
 once, as :class:`advdetect.Guard` holds them), prints one JSON line:
 
+* ``layout``: which networks the guard runs with channels-last weights (``--no-channels-last``: none);
 * ``latency_ms``: p50 / p95 at batch 1 and ``images_per_second`` at batch 256 for the classifier's
   forward pass, the fast path's whole verdict (classifier + mask network + perturbed forward +
   detector) and the optimised path's whole verdict;
@@ -106,13 +107,17 @@ def main() -> None:
     parser.add_argument("--size224", action="store_true",
                         help="also masks/s at 224 px with resnet18 (random weights): mask network vs optimised")
     parser.add_argument("--adaptive-steps", type=int, default=40)
+    parser.add_argument("--no-channels-last", action="store_true",
+                        help="keep every network's default (NCHW) weight layout, as before Guard converted them")
     parser.add_argument("--refine", default="",
                         help="comma-separated iteration counts K: faithfulness and time of fast masks refined by K "
                              "iterations of the optimisation (Guard.explain(..., exact=False, refine=K))")
     args = parser.parse_args()
     refine_steps = [int(k) for k in args.refine.split(",") if k.strip()]
     torch.manual_seed(0)
-    fast, exact = Guard.load(args.detector, device="cpu"), Guard.load(args.detector, device="cpu", exact=True)
+    layout = {"channels_last": not args.no_channels_last}
+    fast, exact = Guard.load(args.detector, device="cpu", **layout), Guard.load(args.detector, device="cpu", exact=True,
+                                                                                   **layout)
     if fast.path != "fast":
         raise SystemExit(f"{args.detector} has no fast path; train it with `advdetect train` (--fast is the default)")
     deployed = exact.deployment
@@ -126,7 +131,7 @@ def main() -> None:
     images = torch.cat([first.clean, first.adv])[:args.batch]
     model = fast.model
     result: dict = {"detector": args.detector, "quick": args.quick, "torch_threads": torch.get_num_threads(),
-                    "batch": len(images), "latency": {}}
+                    "batch": len(images), "layout": fast.layout, "latency": {}}
     reps = (20, 3) if args.quick else (100, 10)
     result["latency"]["classifier"] = latency(lambda x: model.logits(x), images, *reps)
     result["latency"]["fast"] = latency(lambda x: fast.check(x), images, *reps)

@@ -179,3 +179,21 @@ def test_a_fast_path_saved_without_margin_drops_the_old_one_and_bad_files_are_re
     fast.margin = None
     save_fast_path(margin_detector, fast, load_model("cifar10-cnn").info.identity())
     assert not path.exists() and Guard.load(margin_detector, device="cpu").deployment.fast.margin is None
+
+
+def test_channels_last_weights_give_the_verdicts_of_contiguous_ones(fast_quick_detector):
+    """Guard.load converts its networks to channels-last (faster CPU convolutions) only where they give the
+    same outputs; its verdicts, scores and masks then agree with a guard that keeps the default layout."""
+    fast = Guard.load(fast_quick_detector, device="cpu")
+    plain = Guard.load(fast_quick_detector, device="cpu", channels_last=False)
+    assert fast.layout == {"classifier": True, "mask_net": True, "detector": True, "fast_detector": True}
+    assert plain.layout == {} and plain.model.net.stem.weight.is_contiguous()
+    assert fast.model.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = batch(16)
+    a, b = fast.check(x), plain.check(x)
+    assert torch.equal(a.labels, b.labels) and torch.allclose(a.scores, b.scores, rtol=1e-4, atol=1e-4)
+    ma, mb = fast.explain(x, exact=False), plain.explain(x, exact=False)
+    assert torch.allclose(ma.masks, mb.masks, atol=1e-4) and torch.allclose(ma.prob_after, mb.prob_after, atol=1e-4)
+    mine = load_model("cifar10-cnn")
+    Guard.load(fast_quick_detector, model=mine, device="cpu")
+    assert mine.net.stem.weight.is_contiguous()  # the caller's model is copied, never converted
