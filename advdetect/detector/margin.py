@@ -78,15 +78,33 @@ def classifier_evidence(model: nn.Module, images: torch.Tensor, squeeze: tuple[f
     from ..masks.perturbation import gaussian_blur
 
     logits = model(images) if logits is None else logits
-    columns = [log_prob_gap(logits)]
-    columns += [blur_shift(logits, model(gaussian_blur(images, sigma))).to(logits.device) for sigma in squeeze]
+    variants = [gaussian_blur(images, sigma) for sigma in squeeze]
     if noise:
         pattern = noise_pattern(images.shape[1:], images.device)
-        columns += [blur_shift(logits, model((images + sigma * pattern).clamp(0, 1))).to(logits.device)
-                    for sigma in noise]
+        variants += [(images + sigma * pattern).clamp(0, 1) for sigma in noise]
+    columns = [log_prob_gap(logits)]
+    columns += [blur_shift(logits, out).to(logits.device) for out in _variant_logits(model, variants)]
     if with_class:
         columns.append(logits.detach().argmax(1).float())
     return torch.stack(columns, 1)
+
+
+VARIANT_BATCH = 256  # images per classifier call when the variants of a small batch are stacked
+
+
+def _variant_logits(model: nn.Module, variants: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``model`` on each of ``variants`` (equal-shaped batches), several stacked into one call while that call
+    holds at most :data:`VARIANT_BATCH` images: a small batch's blurred and noisy copies cost one classifier
+    call instead of one each (a verdict at batch 1), a large batch's calls keep their usual size (memory)."""
+    if not variants:
+        return []
+    n = variants[0].shape[0]
+    per_call = max(1, VARIANT_BATCH // max(1, n))
+    out: list[torch.Tensor] = []
+    for start in range(0, len(variants), per_call):
+        group = variants[start:start + per_call]
+        out += list(model(torch.cat(group)).split(n)) if len(group) > 1 else [model(group[0])]
+    return out
 
 
 def parse_squeeze(spec: str | Any, option: str = "--squeeze") -> tuple[float, ...]:

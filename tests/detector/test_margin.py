@@ -14,6 +14,8 @@ from advdetect.detector.margin import (CombinedDetector, MarginCombination, With
                                        classifier_evidence, log_prob_gap)
 from advdetect.masks.perturbation import gaussian_blur
 
+from ..conftest import make_tiny_model
+
 
 def two_sided(n: int = 600, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Clean gaps around e^2 - 1; adversarial ones either near 0 or far above; scores carry no signal."""
@@ -349,3 +351,24 @@ def test_the_mlp_combiner_reads_what_a_linear_one_cannot_and_round_trips() -> No
         MarginCombination(hidden=1.5).fit(scores, evidence[:, 0], y)
     with pytest.raises(RuntimeError, match="not fitted"):
         MarginCombination(noise=(0.01,), hidden=16).decision_function(held_scores, held_evidence)
+
+
+def test_a_small_batch_s_variants_share_one_classifier_call_and_give_the_same_evidence(monkeypatch):
+    """The blurred and noisy copies of a small batch are stacked into one classifier call (a batch-1 verdict
+    pays one call, not three); a large batch keeps one call per copy; the evidence is the same either way."""
+    from advdetect.detector import margin as margin_module
+
+    model = make_tiny_model()
+    sizes: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(x)
+        sizes.clear()
+        stacked = classifier_evidence(model, x, (0.75, 1.5), logits, noise=(0.01,))
+        assert sizes == [9]  # three copies of three images, one call
+        monkeypatch.setattr(margin_module, "VARIANT_BATCH", 3)
+        sizes.clear()
+        alone = classifier_evidence(model, x, (0.75, 1.5), logits, noise=(0.01,))
+        assert sizes == [3, 3, 3]  # at most VARIANT_BATCH images a call: one copy each
+    assert torch.allclose(stacked, alone, atol=1e-6)
