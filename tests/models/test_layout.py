@@ -48,9 +48,7 @@ def test_a_module_that_breaks_on_channels_last_is_left_contiguous():
 
 def test_a_module_whose_outputs_change_is_converted_back():
     module = make_tiny_model()
-    x = torch.rand(2, 3, 16, 16)
     calls = iter([torch.zeros(2), torch.ones(2)])  # "outputs" that disagree before and after
     assert not prefer_channels_last(module, lambda: next(calls))
     assert all(p.is_contiguous() for p in module.parameters())
     assert not prefer_channels_last(nn.Linear(3, 2), lambda: torch.zeros(1))  # no 4-D weights: nothing to do
-    del x
