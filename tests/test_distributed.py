@@ -20,12 +20,12 @@ ARGS = ["train", "--attack", "bim", "--n", "48", "--n-eval", "24", "--n-calibrat
         str(SHARED_DATA), "--json"]
 
 
-def start(cmd: list[str], log: Path) -> tuple[subprocess.Popen, Path]:
+def start(cmd: list[str], log: Path) -> subprocess.Popen:
     # one thread per process, as torchrun sets: with the same threads results are bit-identical
     # (a different thread count reorders float sums: masks then agree to ~1e-6)
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:  # files: no pipe fills
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True), log
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=err, text=True)
 
 
 def result(proc: subprocess.Popen, log: Path) -> dict:
@@ -39,13 +39,14 @@ def result(proc: subprocess.Popen, log: Path) -> dict:
 
 def test_two_gloo_ranks_equal_one_process(tmp_path):
     # both runs at once (one thread each: three on two cores); scheduling changes no result
-    procs = [start([sys.executable, "-m", "advdetect", *ARGS, "--out", str(tmp_path / "one")], tmp_path / "one-log"),
+    logs = [tmp_path / "one-log", tmp_path / "two-log"]
+    procs = [start([sys.executable, "-m", "advdetect", *ARGS, "--out", str(tmp_path / "one")], logs[0]),
              start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "advdetect", "--", *ARGS, "--out", str(tmp_path / "two")], tmp_path / "two-log")]
+                    "-m", "advdetect", "--", *ARGS, "--out", str(tmp_path / "two")], logs[1])]
     try:
-        one, two = [result(*p) for p in procs]
+        one, two = [result(proc, log) for proc, log in zip(procs, logs)]
     finally:
-        for proc, _ in procs:
+        for proc in procs:
             proc.kill()
 
     for split in ("train-bim", "test-bim", "test-fgsm"):

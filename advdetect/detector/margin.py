@@ -99,7 +99,7 @@ def _variant_logits(model: nn.Module, variants: list[torch.Tensor]) -> list[torc
     if not variants:
         return []
     n = variants[0].shape[0]
-    per_call = max(1, VARIANT_BATCH // max(1, n))
+    per_call = max(1, VARIANT_BATCH // n) if n else 1  # an empty batch's copies can't be split apart again
     out: list[torch.Tensor] = []
     for start in range(0, len(variants), per_call):
         group = variants[start:start + per_call]

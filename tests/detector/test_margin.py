@@ -372,3 +372,6 @@ def test_a_small_batch_s_variants_share_one_classifier_call_and_give_the_same_ev
         alone = classifier_evidence(model, x, (0.75, 1.5), logits, noise=(0.01,))
         assert sizes == [3, 3, 3]  # at most VARIANT_BATCH images a call: one copy each
     assert torch.allclose(stacked, alone, atol=1e-6)
+    monkeypatch.setattr(margin_module, "VARIANT_BATCH", 256)
+    with torch.no_grad():  # an empty batch: still one column per copy
+        assert classifier_evidence(model, x[:0], (0.75, 1.5), logits[:0], noise=(0.01,)).shape == (0, 4)
