@@ -575,7 +575,8 @@ def recover(images: tuple[str, ...], detector_dir: str, model: str | None, out: 
 @click.option("--eps", "eps_list", default="4/255,8/255", show_default=True,
               help="eps sweep of the L-inf attacks; the largest is the main one.")
 @click.option("--n", default=1000, show_default=True, type=click.IntRange(min=8),
-              help="Held-out test images (of the detector's data, or --data).")
+              help="Test images (of the detector's data, or --data), the first in the seeded order that the "
+                   "detector was neither fitted nor calibrated on.")
 @click.option("--n-baseline", default=500, show_default=True, type=click.IntRange(min=4),
               help="Images for the baseline heatmap methods.")
 @click.option("--baselines", default="saliency,guided_backprop,grad_cam,occlusion,integrated_gradients,raw_image",

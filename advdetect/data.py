@@ -119,8 +119,12 @@ def subset_indices(total: int, n: int | None, seed: int, offset: int = 0) -> tor
         return torch.arange(total)
     if n is None or offset + n > total:
         raise OptionError(f"asked for {n} images from position {offset} of {total}: there are only {total}")
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randperm(total, generator=gen)[offset:offset + n]
+    return seeded_order(total, seed)[offset:offset + n]
+
+
+def seeded_order(total: int, seed: int) -> torch.Tensor:
+    """The seeded permutation of ``range(total)`` that :func:`subset_indices` takes its subsets from."""
+    return torch.randperm(total, generator=torch.Generator().manual_seed(seed))
 
 
 def subset_record(split: str, n: int, seed: int, offset: int = 0, dataset: str = "cifar10") -> dict[str, Any]:

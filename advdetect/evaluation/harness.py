@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attackset import generate_attack_set
-from ..data import DataSpec, images_for, open_split
+from ..data import DataSpec, open_split
 from ..detector import MaskDetector
 from ..detector.io import library_versions
 from ..distributed import context, single_process
@@ -46,7 +46,7 @@ from .adaptive import run_adaptive
 from .comparisons import baselines as compare_baselines
 from .comparisons import method_comparison, transfer_matrix
 from .config import EvaluateConfig, Spec, main_specs, sweep
-from .guard import check_unseen
+from .guard import check_unseen, unseen_images
 from .report import gallery_rows, json_safe, write_reports
 
 log = logging.getLogger(__name__)
@@ -109,9 +109,12 @@ def run_evaluation(detector_dir: str | os.PathLike, out: str | os.PathLike, conf
     test_images = open_split(data, "test", wrapper.info)
     if config.n > len(test_images):
         raise OptionError(f"--n {config.n}: the data holds only {len(test_images)} test images")
-    images = images_for(wrapper.info, data, "test", config.n, config.seed + 1)
+    # the first n test images of the seeded order that the detector was neither fitted nor calibrated on
+    images = unseen_images(test_images, config.n, config.seed + 1, meta)
     record = images.identify()
-    check_unseen(meta, record, config)
+    check_unseen(meta, record, config)  # what unseen_images ensures, checked once more by identity
+    if record.get("reserved_skipped"):
+        log.info("passed over %d test images the detector was fitted or calibrated on", record["reserved_skipped"])
 
     ctx = context()
     with timer.stage("attacks_and_masks"):  # shared by every rank under torchrun, shard by shard

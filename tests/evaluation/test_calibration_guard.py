@@ -1,4 +1,5 @@
-"""evaluate refuses images the detector was fitted or calibrated on, compared by image identity."""
+"""evaluate never takes images the detector was fitted or calibrated on, compared by image identity: it passes
+over them, and refuses a record that holds any."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from advdetect.data import CIFAR10_SIZES, select, shared_images
 from advdetect.detector import MaskDetector, save_detector
 from advdetect.errors import AdvDetectError
 from advdetect.evaluation.config import EvaluateConfig
-from advdetect.evaluation.guard import check_unseen, reserved_images
+from advdetect.evaluation.guard import check_unseen, reserved_images, unseen_images
 from advdetect.masks import MaskConfig
 from advdetect.sources import ImageSource, Selection
 
@@ -86,3 +87,31 @@ def test_train_records_images_in_detector_json(tmp_path):
     save_detector(tmp_path, det, ident, MaskConfig(iterations=3), extra=meta())
     _, loaded = load_detector(tmp_path)
     assert reserved_images(loaded)[1]["indices"] == meta()["images"]["calibration"]["indices"]
+
+
+def whole_test_split() -> Selection:
+    return Selection(Indexed(CIFAR10_SIZES["test"]), list(range(CIFAR10_SIZES["test"])),
+                     {"dataset": "cifar10", "split": "test"})
+
+
+def test_evaluation_passes_over_the_detectors_images_in_the_seeded_order():
+    """The detector's own seed: its held-out images first, then the calibration ones, passed over, then others."""
+    n = N_EVAL + 100
+    chosen = unseen_images(whole_test_split(), n, SEED + 1, meta())
+    record = chosen.identify()
+    config = EvaluateConfig(n=n, seed=SEED, n_baseline=8, n_methods=8, adaptive_n=4)
+    check_unseen(meta(), record, config)  # none of them reserved
+    order = subset_record("test", CIFAR10_SIZES["test"] - 1, SEED + 1)["indices"]
+    assert record["indices"] == order[:N_EVAL] + order[N_EVAL + N_CAL:N_EVAL + N_CAL + 100]
+    assert record["reserved_skipped"] == N_CAL and record["seed"] == SEED + 1
+
+
+def test_an_evaluation_that_meets_no_reserved_image_is_the_plain_seeded_subset():
+    plain = select(whole_test_split(), 150, 7)
+    chosen = unseen_images(whole_test_split(), 150, 7, {"images": {"fit": subset_record("train", 100, 0)}})
+    assert chosen.positions == plain.positions and "reserved_skipped" not in chosen.record
+
+
+def test_too_few_unseen_images_is_one_clear_error():
+    with pytest.raises(AdvDetectError, match=f"only {N_EVAL} of the 10000 test images .* use --n {N_EVAL} or fewer"):
+        unseen_images(whole_test_split(), N_EVAL + 1, SEED + 1, meta(with_records=False))
