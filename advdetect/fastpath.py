@@ -55,16 +55,33 @@ class FastPath:
         maps, _ = self.maps(images, probs)
         return self.combine(torch.as_tensor(self.detector.decision_function(maps)), images)
 
-    def combine(self, scores: torch.Tensor, images: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
+    def combine(self, scores: torch.Tensor, images: torch.Tensor, logits: torch.Tensor | None = None,
+                evidence: torch.Tensor | None = None) -> torch.Tensor:
         """The detector's ``scores`` of ``images``, combined with the classifier's gap (and blur shifts) when
-        there is a :class:`MarginCombination` (``logits``: the classifier's on ``images``, when already computed)."""
+        there is a :class:`MarginCombination` (``logits``: the classifier's on ``images``, ``evidence``: the
+        combination's, when already computed, e.g. by :meth:`logits_and_evidence`)."""
         if self.margin is None:
             return scores
-        model = self.explainer.model
-        with torch.no_grad(), eval_mode(model):
-            logits = model.logits(images) if logits is None else logits.to(model.device)
-            evidence = self.margin.evidence(model, images.to(model.device), logits)
+        if evidence is None:
+            model = self.explainer.model
+            with torch.no_grad(), eval_mode(model):
+                evidence = self.margin.evidence(model, images.to(model.device),
+                                                None if logits is None else logits.to(model.device))
         return torch.as_tensor(self.margin.decision_function(scores, evidence.cpu()))
+
+    def logits_and_evidence(self, images: torch.Tensor,
+                            batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The classifier's logits of ``images`` and the combination's evidence (None without one): with a
+        combination, a small batch and its shifted copies go through the classifier in one call (at most
+        ``batch_size`` images of ``images`` at a time)."""
+        model = self.explainer.model
+        if self.margin is None or len(images) == 0:
+            return model.logits(images, batch_size), None
+        parts = []
+        with torch.no_grad(), eval_mode(model):
+            for start in range(0, len(images), batch_size):
+                parts.append(self.margin.logits_and_evidence(model, images[start:start + batch_size].to(model.device)))
+        return torch.cat([p[0] for p in parts]).float(), torch.cat([p[1] for p in parts])
 
 
 def amortized_maps(explainer: AmortizedMasks, inputs: Sequence[str], images: torch.Tensor, batch_size: int = 512,

@@ -74,19 +74,30 @@ def classifier_evidence(model: nn.Module, images: torch.Tensor, squeeze: tuple[f
     """N x (1 + len(squeeze) + len(noise) [+ 1]), differentiable: the classifier's :func:`log_prob_gap` on
     ``images``, then its :func:`blur_shift` under a Gaussian blur of each ``squeeze`` sigma, then under the
     fixed :func:`noise_pattern` times each ``noise`` sigma (clamped to [0, 1]), then (``with_class``) its
-    predicted class as a float (``logits``: ``model(images)``, when already computed)."""
+    predicted class as a float (``logits``: ``model(images)``, when already computed; else computed in the
+    same classifier call as the copies)."""
+    return logits_and_evidence(model, images, squeeze, logits, with_class, noise)[1]
+
+
+def logits_and_evidence(model: nn.Module, images: torch.Tensor, squeeze: tuple[float, ...] = (),
+                        logits: torch.Tensor | None = None, with_class: bool = False,
+                        noise: tuple[float, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``model(images)`` and :func:`classifier_evidence` of ``images``; without ``logits`` the images go into
+    the classifier call of their blurred and noisy copies (one call for a small batch instead of two)."""
     from ..masks.perturbation import gaussian_blur
 
-    logits = model(images) if logits is None else logits
     variants = [gaussian_blur(images, sigma) for sigma in squeeze]
     if noise:
         pattern = noise_pattern(images.shape[1:], images.device)
         variants += [(images + sigma * pattern).clamp(0, 1) for sigma in noise]
+    outs = _variant_logits(model, variants if logits is not None else [images, *variants])
+    if logits is None:
+        logits, outs = outs[0], outs[1:]
     columns = [log_prob_gap(logits)]
-    columns += [blur_shift(logits, out).to(logits.device) for out in _variant_logits(model, variants)]
+    columns += [blur_shift(logits, out).to(logits.device) for out in outs]
     if with_class:
         columns.append(logits.detach().argmax(1).float())
-    return torch.stack(columns, 1)
+    return logits, torch.stack(columns, 1)
 
 
 VARIANT_BATCH = 256  # images per classifier call when the variants of a small batch are stacked
@@ -186,7 +197,13 @@ class MarginCombination:
 
     def evidence(self, model: nn.Module, images: torch.Tensor, logits: torch.Tensor | None = None) -> torch.Tensor:
         """The :func:`classifier_evidence` this combination reads, of ``images`` (differentiable)."""
-        return classifier_evidence(model, images, tuple(self.squeeze), logits, with_class=bool(self.per_class),
+        return self.logits_and_evidence(model, images, logits)[1]
+
+    def logits_and_evidence(self, model: nn.Module, images: torch.Tensor,
+                            logits: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``model(images)`` and :meth:`evidence`, in one classifier call for a small batch
+        (:func:`logits_and_evidence`)."""
+        return logits_and_evidence(model, images, tuple(self.squeeze), logits, with_class=bool(self.per_class),
                                    noise=tuple(self.noise))
 
     def _X(self, scores: torch.Tensor, evidence: torch.Tensor) -> torch.Tensor:

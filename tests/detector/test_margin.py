@@ -375,3 +375,24 @@ def test_a_small_batch_s_variants_share_one_classifier_call_and_give_the_same_ev
     monkeypatch.setattr(margin_module, "VARIANT_BATCH", 256)
     with torch.no_grad():  # an empty batch: still one column per copy
         assert classifier_evidence(model, x[:0], (0.75, 1.5), logits[:0], noise=(0.01,)).shape == (0, 4)
+
+
+def test_without_logits_the_images_join_their_copies_classifier_call():
+    """logits_and_evidence with no logits: the images and their three copies in one call, the same logits and
+    evidence as a separate call for the images (a batch-1 verdict pays one classifier call less)."""
+    from advdetect.detector.margin import logits_and_evidence
+
+    model = make_tiny_model()
+    sizes: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(x)
+        separate = classifier_evidence(model, x, (0.75, 1.5), logits, noise=(0.01,), with_class=True)
+        sizes.clear()
+        got_logits, together = logits_and_evidence(model, x, (0.75, 1.5), noise=(0.01,), with_class=True)
+        assert sizes == [8]  # 2 images + 3 copies of each
+        assert torch.allclose(got_logits, logits, atol=1e-6) and torch.allclose(together, separate, atol=1e-6)
+        sizes.clear()
+        assert torch.allclose(classifier_evidence(model, x, (0.75, 1.5), noise=(0.01,), with_class=True), separate,
+                              atol=1e-6) and sizes == [8]
