@@ -263,7 +263,7 @@ def test_preservation_detector_recovers_with_deletion_masks(tmp_path, monkeypatc
     out = tmp_path / "det"
     result = run("train", "--attack", "bim", "--n", "40", "--n-eval", "20", "--n-calibration", "20",
                  "--game", "preserve", "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", "--fast-n", "40",
-                 *FAST_MASKS)
+                 "--fast-epochs", "2", *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
     assert meta["mask_config"]["game"] == "preserve" and meta["recovery_config"]["game"] == "delete"
@@ -303,7 +303,8 @@ def test_two_channel_detector_end_to_end(tmp_path):
     """--game both: the detector reads [preservation, deletion] masks; detect and recover take the same path."""
     out = tmp_path / "det"
     result = run("train", "--attack", "bim", "--n", "24", "--n-eval", "16", "--n-calibration", "12", "--game", "both",
-                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", "--inputs", "masks", *FAST_MASKS)
+                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--json", "--inputs", "masks", "--fast-epochs", "2",
+                 *FAST_MASKS)
     assert result.exit_code == 0, result.output
     meta = json.loads((out / "detector.json").read_text())
     assert meta["mask_config"]["game"] == "both" and meta["recovery_config"]["game"] == "delete"
@@ -336,7 +337,7 @@ def test_detector_with_evidence_planes_end_to_end(tmp_path):
     out = tmp_path / "det"
     result = run("train", "--attack", "fgsm", "--n", "40", "--n-eval", "20", "--n-calibration", "20", "--out",
                  str(out), "--data-dir", str(SHARED_DATA), "--inputs", "confidence,masks,residual", "--json",
-                 "--iterations", "20", "--fast-n", "40")
+                 "--iterations", "20", "--fast-n", "40", "--fast-epochs", "2")
     assert result.exit_code == 0, result.output
     report = last_json(result)
     assert set(report["metrics"]["fgsm"]["fpr_per_class"]) <= set(load_attack_set(out / "work" / "test-fgsm")

@@ -87,7 +87,7 @@ def test_masks_killed_twice_then_resumed_equals_uninterrupted(tmp_path):
 
 def test_train_killed_mid_pipeline_then_resumed_equals_uninterrupted(tmp_path):
     args = ["--attack", "bim", "--n", "40", "--n-eval", "20", "--n-calibration", "16", "--iterations", "10",
-            "--fast-n", "40", "--data-dir", str(SHARED_DATA)]
+            "--fast-n", "40", "--fast-epochs", "2", "--data-dir", str(SHARED_DATA)]
     want = finish("train", *args, "--out", str(tmp_path / "reference"))
 
     out = tmp_path / "det"
