@@ -285,7 +285,7 @@ def train_detector(model: ModelWrapper, attacks: list[AttackConfig], n: int, n_e
                              "attacks": report.attacks, "metrics": metrics, "history": detector.history_,
                              "n_train": n, "n_eval": n_eval, "calibrated_on": calibrate_on,
                              "n_calibration": report.n_calibration, "seed": seed, "data": report.data,
-                             "images": records})  # evaluate refuses these fit and calibration images
+                             "images": records})  # evaluate passes over these fit and calibration images
         from .fastpath import FAST_DIR, save_fast_path
 
         if fast_path is None and (out / FAST_DIR).is_dir():  # an earlier detector's fast path would judge for this one

@@ -89,10 +89,13 @@ def test_evaluate_detect_and_recover_from_another_directory(workspace, trained, 
     # baselines on 1-channel images; Grad-CAM can't see inside an exported program: left out, with a note
     assert r["baselines"]["methods"] == ["masks", "occlusion", "raw_image"]
     assert any("Grad-CAM left out" in note for note in r["baselines"]["notes"])
-    # the detector's training images are refused
+    # one image more than the held-out ones: the detector's calibration images are passed over, by content id
     again = run("evaluate", "--detector", det, "--out", "rep2", "--n", "61", "--attacks", "fgsm", "--eps", "8/255",
-                "--baselines", "", "--no-adaptive")
-    assert again.exit_code == 2 and "were used to fit or calibrate" in again.output
+                "--baselines", "", "--no-adaptive", "--json")
+    assert again.exit_code == 0, again.output
+    ids = json.loads(again.stdout.strip().splitlines()[-1])["images"]
+    assert set(ids["ids"]) > set(trained["images"]["held_out"]["ids"]) and len(ids["ids"]) == 61
+    assert not set(ids["ids"]) & set(trained["images"]["calibration"]["ids"]) and ids["reserved_skipped"] == 60
 
     nested = tmp_path / "incoming" / "deeper"
     nested.mkdir(parents=True)
