@@ -353,14 +353,20 @@ def test_the_mlp_combiner_reads_what_a_linear_one_cannot_and_round_trips() -> No
         MarginCombination(noise=(0.01,), hidden=16).decision_function(held_scores, held_evidence)
 
 
+def counting_model():
+    """A tiny classifier and the list its forward hook fills with each call's batch size."""
+    model = make_tiny_model()
+    sizes: list[int] = []
+    model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    return model, sizes
+
+
 def test_a_small_batch_s_variants_share_one_classifier_call_and_give_the_same_evidence(monkeypatch):
     """The blurred and noisy copies of a small batch are stacked into one classifier call (a batch-1 verdict
     pays one call, not three); a large batch keeps one call per copy; the evidence is the same either way."""
     from advdetect.detector import margin as margin_module
 
-    model = make_tiny_model()
-    sizes: list[int] = []
-    model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    model, sizes = counting_model()
     x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(x)
@@ -382,9 +388,7 @@ def test_without_logits_the_images_join_their_copies_classifier_call():
     evidence as a separate call for the images (a batch-1 verdict pays one classifier call less)."""
     from advdetect.detector.margin import logits_and_evidence
 
-    model = make_tiny_model()
-    sizes: list[int] = []
-    model.register_forward_hook(lambda _m, args, _out: sizes.append(args[0].shape[0]))
+    model, sizes = counting_model()
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(x)
