@@ -311,9 +311,14 @@ def fast_path_target(fast: FastPath) -> tuple[nn.Module, Any, Callable[[torch.Te
     if fast.margin is None:
         return maps, fast.detector, lambda images: fast.maps(images)[0]
     model, margin = fast.explainer.model, fast.margin
-    return (WithEvidence(maps, model, margin),
-            CombinedDetector(fast.detector, margin),
-            lambda images: with_evidence_planes(fast.maps(images)[0], margin.evidence(model, images)))
+
+    def real(images: torch.Tensor) -> torch.Tensor:
+        # the classifier calls of a deployed verdict (`inference.judge`): the image with its shifted copies, the
+        # mask network reading those probabilities (logits move with a call's batch size at ~1e-6 on some CPUs)
+        logits, evidence = fast.logits_and_evidence(images)
+        return with_evidence_planes(fast.maps(images, probs=logits.softmax(1).to(images.device))[0], evidence)
+
+    return WithEvidence(maps, model, margin), CombinedDetector(fast.detector, margin), real
 
 
 def evaluate_adaptive(model: ModelWrapper, surrogate: nn.Module, detector: MaskDetector, mask_config: MaskConfig,
