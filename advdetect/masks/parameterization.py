@@ -8,6 +8,7 @@ upsampling and jitter cost one ``grid_sample`` per iteration.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -23,12 +24,18 @@ def low_res_shape(size: tuple[int, int], factor: int) -> tuple[int, int]:
 
 
 def base_grid(size: tuple[int, int], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """1 x H x W x 2 sampling grid (x, y in [-1, 1], pixel centres) for ``grid_sample``."""
-    h, w = size
-    ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h * 2 - 1
-    xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w * 2 - 1
-    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([gx, gy], dim=-1).unsqueeze(0)
+    """1 x H x W x 2 sampling grid (x, y in [-1, 1], pixel centres) for ``grid_sample``; cached (a fast verdict
+    asks for it on every call), so treat it as read-only."""
+    return _base_grid(int(size[0]), int(size[1]), torch.device(device), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _base_grid(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor: it may be saved for a backward pass
+        ys = (torch.arange(h, device=device, dtype=dtype) + 0.5) / h * 2 - 1
+        xs = (torch.arange(w, device=device, dtype=dtype) + 0.5) / w * 2 - 1
+        gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+        return torch.stack([gx, gy], dim=-1).unsqueeze(0)
 
 
 def pixels_to_grid(shift: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -18,6 +18,27 @@ def test_blur_keeps_constant_images_and_smooths_noise():
     assert torch.equal(gaussian_blur(noise, 0.0), noise)
 
 
+@pytest.mark.parametrize("shape,sigma,mode", [((3, 3, 32, 32), 2.0, "mirror"), ((2, 1, 17, 23), 1.5, "mirror"),
+                                              ((1, 3, 5, 5), 2.0, "nearest"), ((1, 2, 300, 40), 2.0, "mirror")])
+def test_blur_is_scipys_gaussian_filter(shape, sigma, mode):
+    """Both ways of blurring (matrix products up to 256 px a side, convolution beyond) give what scipy gives:
+    torch's reflect padding is scipy's "mirror", the replicate fallback for tiny images its "nearest"."""
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = gaussian_filter(x.numpy(), sigma=(0, 0, sigma, sigma), mode=mode, truncate=3.0)
+    assert torch.allclose(gaussian_blur(x, sigma), torch.from_numpy(expected), atol=1e-10)
+    assert torch.allclose(gaussian_blur(x.float(), sigma).double(), torch.from_numpy(expected), atol=1e-6)
+
+
+def test_blur_gradient_even_after_first_use_under_inference_mode():
+    x = torch.rand(2, 3, 9, 11, dtype=torch.float64)
+    with torch.inference_mode():
+        gaussian_blur(x, 1.25)  # the cached operator is made here
+    leaf = x.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda t: gaussian_blur(t, 1.25), (leaf,))
+
+
 def test_references_and_blend():
     x = torch.rand(2, 3, 8, 8)
     const = reference(x, "constant")
