@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DATA_DIR ?= ../shared/data
 STAMP := $(VENV)/.installed
+# pytest-xdist workers for `make test` (each gets its share of the cores; tests/conftest.py)
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test bench clean
 
@@ -20,7 +22,7 @@ demo: venv
 	$(BIN)/advdetect train --n 100 --n-eval 100 --n-calibration 100 --data-dir $(DATA_DIR) --out runs/demo-detector
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf runs .pytest_cache

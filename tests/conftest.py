@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,13 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = (REPO.parent / "shared" / "data").resolve()
 HAS_SHARED = (SHARED_DATA / "cifar10-jpeg" / "test").is_dir()
 BUILTIN_WEIGHTS = REPO / "data" / "models" / "cifar10-cnn.safetensors"
+
+# Under pytest-xdist (`make test` runs `-n 2`), each worker gets its share of the cores, and so do the
+# processes a test starts: more torch threads than cores slows every one of them several times.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _threads = max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
 
 needs_shared = pytest.mark.skipif(not HAS_SHARED, reason=f"CIFAR-10 copy not found at {SHARED_DATA}")
 needs_builtin = pytest.mark.skipif(not BUILTIN_WEIGHTS.is_file(), reason="built-in weights not trained yet")
