@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from advdetect.splits import load_attack_set, load_mask_set
 
 from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 
-pytestmark = [needs_shared, needs_builtin]
+pytestmark = [needs_shared, needs_builtin, pytest.mark.slow]
 ARGS = ["train", "--attack", "bim", "--n", "48", "--n-eval", "24", "--n-calibration", "16", "--iterations", "10",
         "--attack-batch", "16", "--shard-size", "8", "--transfer", "fgsm", "--fast-epochs", "1", "--fast-n", "48", "--data-dir",
         str(SHARED_DATA), "--json"]

@@ -17,6 +17,7 @@ from advdetect.splits import load_mask_set
 
 MODEL = "torchvision:resnet18"
 FAST = ["--iterations", "2"]
+pytestmark = pytest.mark.slow  # end to end at 224 px
 
 
 def run(*args: str):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -17,7 +18,7 @@ from advdetect.storage import KILL_AFTER_SHARDS
 
 from .conftest import REPO, SHARED_DATA, needs_builtin, needs_shared
 
-pytestmark = [needs_shared, needs_builtin]
+pytestmark = [needs_shared, needs_builtin, pytest.mark.slow]
 
 
 def advdetect(*args: str, kill_after: int | None = None) -> subprocess.Popen:

@@ -15,7 +15,7 @@ from advdetect.splits import load_attack_set, load_mask_set, load_split
 from .conftest import SHARED_DATA, needs_builtin, needs_shared
 from .test_commands import FAST_MASKS, last_json, run
 
-pytestmark = [needs_shared, needs_builtin]
+pytestmark = [needs_shared, needs_builtin, pytest.mark.slow]
 
 
 def test_masks_command(tmp_path):

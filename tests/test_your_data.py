@@ -16,7 +16,8 @@ from advdetect.cli import main
 from .conftest import REPO
 
 DIGITS_MODEL = REPO / "data" / "digits" / "digits-cnn.pt2"
-pytestmark = pytest.mark.skipif(not DIGITS_MODEL.is_file(), reason="digits model not built (scripts/make_digits.py)")
+pytestmark = [pytest.mark.skipif(not DIGITS_MODEL.is_file(), reason="digits model not built (scripts/make_digits.py)"),
+              pytest.mark.slow]
 FAST = ["--iterations", "30"]
 
 

@@ -20,7 +20,7 @@ from advdetect.splits import load_split
 
 from ..conftest import SHARED_DATA, needs_builtin, needs_shared
 
-pytestmark = [needs_shared, needs_builtin]
+pytestmark = [needs_shared, needs_builtin, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
