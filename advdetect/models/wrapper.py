@@ -153,8 +153,8 @@ def as_tuple(values: Sequence[float] | float, n: int, what: str) -> tuple[float,
 
 def _submodules(module: nn.Module) -> list[nn.Module]:
     """``module.modules()`` (each module once), without the names it builds: a verdict enters these contexts
-    several times, and on a small network the names cost more than the check (125 -> ~30 us on the
-    built-in classifier)."""
+    several times, and on a small network building the names costs more than the check (``frozen`` on the
+    built-in classifier: 125 -> 81 us)."""
     seen: set[int] = set()
     out, stack = [], [module]
     while stack:
