@@ -69,6 +69,17 @@ class FastPath:
                                                 None if logits is None else logits.to(model.device))
         return torch.as_tensor(self.margin.decision_function(scores, evidence.cpu()))
 
+    def verdict_inputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MaskResult,
+                                                            torch.Tensor | None]:
+        """What a verdict reads, computed as a verdict computes it: the classifier's logits and the
+        combination's evidence (:meth:`logits_and_evidence`), then the detector's maps and their mask result
+        from the mask network reading those probabilities. The deployed verdict (``inference.judge``) and the
+        white-box attacker's real judge both take it from here, so they cannot drift apart (logits move with a
+        call's batch size at ~1e-6 on some CPUs)."""
+        logits, evidence = self.logits_and_evidence(images)
+        maps, result = self.maps(images, probs=logits.softmax(1).to(images.device))
+        return logits, maps, result, evidence
+
     def logits_and_evidence(self, images: torch.Tensor,
                             batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The classifier's logits of ``images`` and the combination's evidence (None without one): with a

@@ -89,20 +89,17 @@ def load_deployment(detector_dir: str | os.PathLike, model: str | ModelWrapper |
 def judge(deployed: Deployment, x: torch.Tensor, explainer: Explainer | None = None) -> Judgement:
     """Predictions, masks, scores and verdicts for a batch ``x`` (on the model's device): with the fast path
     when the deployment has one, else with ``explainer`` (the detector's optimised masks)."""
-    # with a margin combination, the image and its shifted copies take one classifier call
-    logits, evidence = deployed.fast.logits_and_evidence(x) if deployed.fast is not None else \
-        (deployed.model.logits(x), None)
-    probs = logits.softmax(1)
-    if deployed.fast is not None:
-        maps, result = deployed.fast.maps(x, probs=probs.to(x.device))
+    if deployed.fast is not None:  # with a margin combination, the image and its copies take one classifier call
+        logits, maps, result, evidence = deployed.fast.verdict_inputs(x)
     else:
+        logits = deployed.model.logits(x)
         explainer = explainer or make_explainer(deployed.model, deployed.mask_config)
         result = explainer.attribute(x)
         maps = maps_for_result(deployed.detector.input_names(), x, result)
     scores = torch.as_tensor(deployed.judge.decision_function(maps.cpu()))
     if deployed.fast is not None:
         scores = deployed.fast.combine(scores, x, logits, evidence)
-    return Judgement(probs.cpu(), result, scores, scores > deployed.threshold)
+    return Judgement(logits.softmax(1).cpu(), result, scores, scores > deployed.threshold)
 
 
 def recovery_masks_config(meta: dict[str, Any], config: MaskConfig) -> MaskConfig:

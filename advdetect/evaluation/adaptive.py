@@ -313,10 +313,8 @@ def fast_path_target(fast: FastPath) -> tuple[nn.Module, Any, Callable[[torch.Te
     model, margin = fast.explainer.model, fast.margin
 
     def real(images: torch.Tensor) -> torch.Tensor:
-        # the classifier calls of a deployed verdict (`inference.judge`): the image with its shifted copies, the
-        # mask network reading those probabilities (logits move with a call's batch size at ~1e-6 on some CPUs)
-        logits, evidence = fast.logits_and_evidence(images)
-        return with_evidence_planes(fast.maps(images, probs=logits.softmax(1).to(images.device))[0], evidence)
+        _, maps, _, evidence = fast.verdict_inputs(images)  # exactly what the deployed verdict reads
+        return with_evidence_planes(maps, evidence)
 
     return WithEvidence(maps, model, margin), CombinedDetector(fast.detector, margin), real
 
