@@ -409,11 +409,12 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
               help="Harden the fast path's detector: rounds of adversarial training against the white-box adaptive "
                    "attacker (each attacks the fitting images at 2, 4 and 8/255 and refits on what fooled the "
                    "classifier).")
-@click.option("--margin/--no-margin", default=False, show_default=True,
+@click.option("--margin/--no-margin", default=None,
               help="The fast path's verdict combines its detector's score with the classifier's log-probability "
-                   "gap between its top two classes (a logistic regression fitted on the fitting images, calibrated "
-                   "on the calibration images): catches DeepFool and BIM/PGD more often (README, 'Combining the "
-                   "score with the classifier's margin').")
+                   "gap between its top two classes, its blur shifts (--squeeze) and noise shifts (--noise), fitted "
+                   "on the fitting images and calibrated on the calibration images: catches CW, DeepFool and "
+                   "BIM/PGD more often, for three more classifier passes per verdict (README, 'Combining the score "
+                   "with the classifier's margin') [default: on whenever the fast path is trained].")
 @click.option("--squeeze", default="0.75,1.5", show_default=True,
               help="With --margin: Gaussian blur sigmas (px) whose shift of the classifier's softmax joins the "
                    "combination (feature squeezing's signal; catches CW-L2); none: the gap alone.")
@@ -421,19 +422,22 @@ def explain(image: str, model: str, out: str | None, target: str | None, layer: 
               help="With --margin: one threshold per predicted class, so no class of clean images is flagged much "
                    "above --fpr; give it --n-calibration 2000 or more (README, 'Per-class calibration': it costs "
                    "detection on FGSM, BIM and PGD).")
-@click.option("--noise", default="none", show_default=True,
-              help="With --margin: Gaussian pixel-noise sigmas (images in [0, 1]) whose shift of the classifier's "
-                   "softmax joins the combination, e.g. 0.01 (one fixed noise pattern; one classifier pass each).")
-@click.option("--combiner", type=click.Choice(["logistic", "mlp"]), default="logistic", show_default=True,
-              help="With --margin: how the evidence is combined: logistic regression, or a small MLP that can use "
-                   "the noise shift in both directions (README, 'Noise shifts and an MLP combiner').")
+@click.option("--noise", default=None,
+              help="With the margin combination: Gaussian pixel-noise sigmas (images in [0, 1]) whose shift of the "
+                   "classifier's softmax joins it (one fixed noise pattern; one classifier pass each); none: no "
+                   "noise shift [default: 0.01].")
+@click.option("--combiner", type=click.Choice(["logistic", "mlp"]), default=None,
+              help="With the margin combination: how the evidence is combined: logistic regression, or a small MLP "
+                   "that can use the noise shift in both directions (README, 'Noise shifts and an MLP combiner') "
+                   "[default: mlp].")
 @mask_options
 @model_file_options
 @common_options
 def train(model: str, attack: str, eps: str, n: int, n_eval: int, transfer: str | None, out: str,
           attack_batch: int, shard_size: int, calibrate_on: str, n_calibration: int,
           fpr: float, recovery_method: str, inputs: str | None, fast: bool, fast_epochs: int, fast_n: int | None,
-          adaptive_rounds: int, margin: bool, squeeze: str, class_calibration: bool, noise: str, combiner: str,
+          adaptive_rounds: int, margin: bool | None, squeeze: str, class_calibration: bool, noise: str | None,
+          combiner: str | None,
           device: str, seed: int, as_json: bool, **options: Any) -> None:
     """Train and calibrate a detector: attack, masks, discriminator, held-out metrics."""
     from .recovery import RecoveryConfig

@@ -313,9 +313,9 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
               batch_size: int = 256, shard_size: int = 512, recovery: RecoveryConfig | None = None,
               calibrate_on: str = "test", n_calibration: int = 1000, fpr: float = 0.05, inputs: str | None = None,
               work: str | os.PathLike | None = None, fast: bool = True, fast_epochs: int = 30,
-              adaptive_rounds: int = 0, margin: bool = False,
+              adaptive_rounds: int = 0, margin: bool | None = None,
               squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS, class_calibration: bool = False,
-              noise: str | tuple[float, ...] = (), combiner: str = "logistic",
+              noise: str | tuple[float, ...] | None = None, combiner: str | None = None,
               fast_n: int | None = None) -> TrainReport:
     """The ``train`` command: resolve names, then :func:`train_detector`.
 
@@ -326,7 +326,9 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     score with the classifier's log-probability gap and its blur shifts at the ``squeeze`` sigmas
     (comma-separated or a tuple; "none": the gap alone) and its noise shifts at the ``noise`` sigmas, with
     ``combiner`` "logistic" or "mlp" (:data:`COMBINERS`); ``class_calibration``: with one threshold per
-    predicted class. ``fast_n``: training images of the fast path's detector and combination (default
+    predicted class. ``margin=None`` (the default) combines whenever the fast path is trained, and then
+    ``noise`` and ``combiner`` default to :data:`DEFAULT_NOISE` and :data:`DEFAULT_COMBINER` (the best
+    verdict measured, README "Noise shifts and an MLP combiner"). ``fast_n``: training images of the fast path's detector and combination (default
     :func:`default_fast_n`; those beyond ``n`` are attacked, not masked).
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
@@ -336,12 +338,14 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     from .models import resolve_model
 
     hardening = HardeningConfig(rounds=adaptive_rounds, seed=seed)
-    margin_config = margin_combination(margin, squeeze, class_calibration, noise, combiner, seed)
     attacks = parse_attacks(attack, eps)
     inputs = ",".join(parse_inputs(inputs))
     transfer_attacks = parse_attacks(transfer, eps) if transfer else []
     wrapper = resolve_model(model, device)
     mask_config = resolve_mask_config(mask_config, wrapper.info.input_size)
+    if margin is None:  # the default: combine whenever there is a fast path to combine with
+        margin = fast and fast_supported(mask_config)
+    margin_config = margin_combination(margin, squeeze, class_calibration, noise, combiner, seed)
     return train_detector(wrapper, attacks, n=n, n_eval=n_eval, out=out, mask_config=mask_config,
                           transfer=transfer_attacks, data=data, seed=seed, progress=progress,
                           detector=MaskDetector(seed=seed, device=str(wrapper.device), fpr=fpr, inputs=inputs),
@@ -353,20 +357,24 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
 
 
 COMBINERS = {"logistic": 0, "mlp": 32}  # `train --combiner`: the MarginCombination's hidden width
+DEFAULT_NOISE = "0.01"  # `train`'s noise shift when --noise is not given
+DEFAULT_COMBINER = "mlp"
 
 
 def margin_combination(margin: bool, squeeze: str | tuple[float, ...] = SQUEEZE_SIGMAS,
-                       class_calibration: bool = False, noise: str | tuple[float, ...] = (),
-                       combiner: str = "logistic", seed: int = 0) -> MarginCombination | None:
+                       class_calibration: bool = False, noise: str | tuple[float, ...] | None = None,
+                       combiner: str | None = None, seed: int = 0) -> MarginCombination | None:
     """The unfitted :class:`MarginCombination` that ``train --margin`` and its options describe (None without
-    --margin; the options that need it are refused then)."""
-    if combiner not in COMBINERS:
+    --margin; the options that need it are refused then). ``noise`` and ``combiner`` left as None take
+    :data:`DEFAULT_NOISE` and :data:`DEFAULT_COMBINER`."""
+    if combiner is not None and combiner not in COMBINERS:
         raise OptionError(f"--combiner must be one of {', '.join(COMBINERS)}, got {combiner!r}")
-    noise, squeeze = parse_squeeze(noise, "--noise"), parse_squeeze(squeeze)
     if not margin:
-        if class_calibration or noise or combiner != "logistic":
-            raise OptionError("--class-calibration, --noise and --combiner configure the margin combination: "
-                              "add --margin")
+        if class_calibration or parse_squeeze(noise or (), "--noise") or combiner is not None:
+            raise OptionError("--class-calibration, --noise and --combiner configure the margin combination, "
+                              "which --no-margin (or --no-fast, or masks without a fast path) turns off")
         return None
+    noise = parse_squeeze(DEFAULT_NOISE if noise is None else noise, "--noise")
+    squeeze, combiner = parse_squeeze(squeeze), DEFAULT_COMBINER if combiner is None else combiner
     return MarginCombination(squeeze=squeeze, per_class=class_calibration, noise=noise,
                              hidden=COMBINERS[combiner], seed=seed)

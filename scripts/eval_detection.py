@@ -64,6 +64,8 @@ def main() -> None:
                    help="also fit, for each training attack X, a detector on the others and test it on X "
                         "(reuses this run's attack and mask sets)")
     p.add_argument("--no-fast", action="store_true", help="do not train the fast path (amortized masks)")
+    p.add_argument("--no-margin", action="store_true",
+                   help="the fast path's verdict without train's default margin combination (its own score)")
     p.add_argument("--adaptive-rounds", type=int, default=0,
                    help="harden the fast detector: rounds of adversarial training against the white-box adaptive "
                         "attacker (see advdetect/hardening.py)")
@@ -76,7 +78,8 @@ def main() -> None:
                     n_calibration=args.n_calibration, fpr=args.fpr, inputs=args.inputs)
     fast = not args.no_fast
     report = run_train(attack=args.attack, out=args.out, transfer=args.transfer or None, fast=fast,
-                       adaptive_rounds=args.adaptive_rounds, **settings).to_dict()
+                       margin=False if args.no_margin else None, adaptive_rounds=args.adaptive_rounds,
+                       **settings).to_dict()
     metrics = report["metrics"]
     trained = [a.strip() for a in args.attack.split(",") if a.strip()]
     main_attack = trained[0]

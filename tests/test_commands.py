@@ -53,6 +53,11 @@ def test_train_report_and_artifacts(detector_dir):
     assert (out / "fast" / "mask_net.json").is_file() and (out / "fast" / "detector.json").is_file()
     assert set(report["fast"]["metrics"]) == {"bim", "fgsm"}
     assert all(0 <= m["roc_auc"] <= 1 for m in report["fast"]["metrics"].values())
+    # a bare train's verdict is the best one measured: the score combined with the classifier's gap, blur
+    # shifts and one noise shift by an MLP
+    fast = report["fast"]
+    assert fast["margin"] is True and fast["noise"] == [0.01] and fast["hidden"] == 32
+    assert fast["squeeze"] == [0.75, 1.5] and (out / "fast" / "margin.json").is_file()
     # rerunning reuses every finished stage and gives the same report
     again = run("train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
                 "--out", str(out), "--data-dir", str(SHARED_DATA), "--transfer", "fgsm", "--json", *FAST_MASKS,
@@ -150,10 +155,14 @@ def test_margin_combines_the_fast_verdict_with_the_classifier_gap(detector_dir, 
     shutil.copytree(detector_dir[0], out)
     args = ["train", "--attack", "bim", "--n", "120", "--n-eval", "60", "--n-calibration", "40",
             "--out", str(out), "--data-dir", str(SHARED_DATA), "--fast-epochs", "2", "--fast-n", "120", *FAST_MASKS]
-    for bad in (["--class-calibration"], ["--noise", "0.01"], ["--combiner", "mlp"], ["--margin", "--noise", "-1"]):
+    for bad in (["--no-margin", "--class-calibration"], ["--no-margin", "--noise", "0.01"],
+                ["--no-margin", "--combiner", "mlp"], ["--noise", "-1"]):
         refused = run(*args, *bad)
-        assert refused.exit_code == 2 and ("--margin" in refused.output or "--noise" in refused.output), bad
+        assert refused.exit_code == 2 and ("--no-margin" in refused.output or "--noise" in refused.output), bad
         assert "Traceback" not in refused.output, bad
+    plain = run(*args, "--no-margin", "--json")  # the fast detector's own verdict: no combination saved
+    assert plain.exit_code == 0, plain.output
+    assert last_json(plain)["fast"]["margin"] is False and not (out / "fast" / "margin.json").exists()
     result = run(*args, "--margin", "--class-calibration", "--noise", "0.01", "--combiner", "mlp", "--json")
     assert result.exit_code == 0, result.output
     report = last_json(result)
