@@ -328,8 +328,9 @@ def run_train(model: str | ModelWrapper = "cifar10-cnn", attack: str = ",".join(
     ``combiner`` "logistic" or "mlp" (:data:`COMBINERS`); ``class_calibration``: with one threshold per
     predicted class. ``margin=None`` (the default) combines whenever the fast path is trained, and then
     ``noise`` and ``combiner`` default to :data:`DEFAULT_NOISE` and :data:`DEFAULT_COMBINER` (the best
-    verdict measured, README "Noise shifts and an MLP combiner"). ``fast_n``: training images of the fast path's detector and combination (default
-    :func:`default_fast_n`; those beyond ``n`` are attacked, not masked).
+    verdict measured, README "Noise shifts and an MLP combiner"). ``fast_n``: training images of the fast
+    path's detector and combination (default :func:`default_fast_n`; those beyond ``n`` are attacked, not
+    masked).
 
     ``mask_config``: the mask settings, or overrides (a dict) of the settings for the model's input size
     (:meth:`MaskConfig.for_input_size`).
